@@ -1,0 +1,151 @@
+"""The frozen image decoder: Stable Diffusion v1.5's U-Net, VAE and noise scheduler, plus the
+CLIP text encoder and tokenizer that act as the stage-2 teacher.
+
+With `pretrained_path` everything is read from a local diffusers-layout directory (`platform/`
+fetches `s3://` URIs into a cache first); without it, components are built from the shape
+fields of `ImageDecoderConfig` with random weights (the `tiny` preset, and the `paper` preset
+on the meta device for counting).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ImageDecoderConfig
+from .tokenizers import build_clip_tokenizer
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _unet_kwargs(cfg: ImageDecoderConfig) -> dict:
+    n = len(cfg.unet_block_out_channels)
+    latent_side = cfg.image_size // 2 ** (len(cfg.vae_block_out_channels) - 1)
+    return dict(
+        sample_size=latent_side, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        block_out_channels=tuple(cfg.unet_block_out_channels), layers_per_block=cfg.unet_layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=cfg.condition_dim, attention_head_dim=cfg.unet_attention_head_dim,
+        norm_num_groups=cfg.unet_norm_num_groups,
+    )
+
+
+def _vae_kwargs(cfg: ImageDecoderConfig) -> dict:
+    n = len(cfg.vae_block_out_channels)
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=cfg.latent_channels, sample_size=cfg.image_size,
+        block_out_channels=tuple(cfg.vae_block_out_channels), layers_per_block=cfg.vae_layers_per_block,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        norm_num_groups=cfg.vae_norm_num_groups, scaling_factor=cfg.vae_scaling_factor,
+    )
+
+
+def _text_config(cfg: ImageDecoderConfig):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408, hidden_size=cfg.condition_dim, intermediate_size=cfg.text_intermediate_size,
+        num_hidden_layers=cfg.text_num_layers, num_attention_heads=cfg.text_num_heads,
+        max_position_embeddings=cfg.condition_length, hidden_act="quick_gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+
+
+class ImageDecoder(nn.Module):
+    """Holds `unet`, `vae`, `noise_scheduler` (DDPM), `text_encoder`, `clip_tokenizer`; all frozen."""
+
+    def __init__(self, config: ImageDecoderConfig, meta: bool = False):
+        super().__init__()
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        self.config = config
+        path = Path(config.pretrained_path) if config.pretrained_path else None
+        if path is not None and not path.is_dir():
+            raise FileNotFoundError(f"image_decoder.pretrained_path {path} is not a local directory")
+        if path is not None and not meta:
+            self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+            self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+            self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+        elif path is not None:
+            from transformers import CLIPTextConfig
+
+            self.unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(path / "unet"))
+            self.vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path / "vae"))
+            self.text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(path / "text_encoder"))
+        else:
+            self.unet = UNet2DConditionModel(**_unet_kwargs(config))
+            self.vae = AutoencoderKL(**_vae_kwargs(config))
+            self.text_encoder = CLIPTextModel(_text_config(config))
+        if path is not None and (path / "scheduler").is_dir():
+            self.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        else:
+            self.noise_scheduler = DDPMScheduler(
+                num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
+                beta_start=config.beta_start, beta_end=config.beta_end,
+                prediction_type=config.prediction_type, clip_sample=False,
+            )
+        tokenizer_dir = path / "tokenizer" if path is not None else None
+        if tokenizer_dir is not None and (tokenizer_dir / "vocab.json").is_file():
+            from transformers import CLIPTokenizer
+
+            self.clip_tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+        else:
+            self.clip_tokenizer = build_clip_tokenizer(config.clip_bpe_path, config.condition_length)
+        self._check_shapes()
+        self.requires_grad_(False)
+        if not meta:
+            self.to(DTYPES[config.frozen_dtype])
+        self.eval()
+
+    def _check_shapes(self) -> None:
+        cross = self.unet.config.cross_attention_dim
+        text = self.text_encoder.config.hidden_size
+        if cross != self.config.condition_dim or text != self.config.condition_dim:
+            raise ValueError(
+                f"image decoder condition width mismatch: U-Net cross_attention_dim={cross}, "
+                f"CLIP text width={text}, config condition_dim={self.config.condition_dim}"
+            )
+
+    def architecture(self) -> dict:
+        """ImageDecoderConfig fields as read from the loaded components."""
+        vae_blocks = tuple(self.vae.config.block_out_channels)
+        return dict(
+            image_size=self.vae_scale_factor * self.unet.config.sample_size,
+            latent_channels=self.unet.config.in_channels,
+            prediction_type=self.noise_scheduler.config.prediction_type,
+            vae_scaling_factor=float(self.vae.config.scaling_factor),
+            num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
+            vae_block_out_channels=vae_blocks,
+        )
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def train(self, mode: bool = True) -> "ImageDecoder":
+        # Frozen teacher and decoder: dropout/batch statistics must never switch on.
+        return super().train(False)
+
+    @torch.no_grad()
+    def text_condition(self, captions: list[str]) -> torch.Tensor:
+        """CLIP text teacher: (B, condition_length, condition_dim), captions padded to 77."""
+        tokens = self.clip_tokenizer(
+            list(captions), padding="max_length", max_length=self.config.condition_length,
+            truncation=True, return_tensors="pt",
+        )
+        ids = tokens.input_ids.to(self.text_encoder.device)
+        return self.text_encoder(input_ids=ids).last_hidden_state
+
+    @torch.no_grad()
+    def encode_latents(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """VAE posterior sample x scaling factor, for (B, 3, H, W) pixels in [-1, 1]."""
+        posterior = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+        return posterior.sample(generator) * self.vae.config.scaling_factor
