@@ -87,6 +87,8 @@ class ImageDecoder(nn.Module):
                 num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
                 beta_start=config.beta_start, beta_end=config.beta_end,
                 prediction_type=config.prediction_type, clip_sample=False,
+                # As in SD v1.5: DDIM/DPM-Solver derived from this config expect the offset.
+                steps_offset=1,
             )
         tokenizer_dir = path / "tokenizer" if path is not None else None
         if tokenizer_dir is not None and (tokenizer_dir / "vocab.json").is_file():

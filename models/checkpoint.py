@@ -1,0 +1,76 @@
+"""Checkpoints of what Kosmos-G trains: the MLLM (vision encoder, resampler, decoder) and
+AlignerNet, as safetensors plus the ModelConfig as JSON. Loading never unpickles anything.
+
+The whole MLLM is stored, including the frozen CLIP layers, so a checkpoint is rebuilt
+without the original CLIP weights. The frozen image decoder is not stored: `load_model`
+reads it from `image_decoder.pretrained_path` (override it where the checkpoint moves).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import apply_overrides, config_from_dict, config_to_dict
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+PARTS = ("mllm", "aligner")
+
+
+def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+    """`mllm.*` and `aligner.*` tensors, contiguous on CPU."""
+    state = {}
+    for part in PARTS:
+        for key, value in getattr(model, part).state_dict().items():
+            state[f"{part}.{key}"] = value.detach().to("cpu").contiguous()
+    return state
+
+
+def checkpoint_config(model) -> dict[str, Any]:
+    cfg = copy.deepcopy(model.config)
+    # The vision weights travel inside the checkpoint; its architecture fields are filled in.
+    cfg.mllm.vision.pretrained_path = None
+    return config_to_dict(cfg)
+
+
+def save_trainable(model, directory: str | Path) -> Path:
+    """Write `model.safetensors` + `config.json` into `directory`; returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(trainable_state_dict(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(checkpoint_config(model), indent=2) + "\n")
+    return directory
+
+
+def load_trainable(model, path: str | Path) -> None:
+    """Load `mllm.*`/`aligner.*` tensors into `model` (strict: every key must match)."""
+    state = load_file(str(path), device=str(model.device))
+    for part in PARTS:
+        prefix = f"{part}."
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        getattr(model, part).load_state_dict(sub, strict=True)
+    unknown = [k for k in state if not k.startswith(tuple(f"{p}." for p in PARTS))]
+    if unknown:
+        raise ValueError(f"{path}: unexpected tensors {unknown[:5]}")
+
+
+def load_config(directory: str | Path, overrides: dict[str, Any] | None = None):
+    data = json.loads((Path(directory) / CONFIG_NAME).read_text())
+    return apply_overrides(config_from_dict(data), overrides)
+
+
+def load_model(directory: str | Path, overrides: dict[str, Any] | None = None,
+               device: str | torch.device | None = None):
+    """Rebuild a KosmosG from `config.json` (+ dotted-key overrides) and load its weights."""
+    from .kosmos_g import KosmosG
+
+    directory = Path(directory)
+    model = KosmosG.from_config(load_config(directory, overrides), device=device)
+    load_trainable(model, directory / WEIGHTS_NAME)
+    return model
