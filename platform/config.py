@@ -81,6 +81,11 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -183,7 +188,7 @@ def apply_override(config: T, assignment: str) -> T:
             raise ConfigError(f"unknown key {'.'.join(keys[:depth + 1])!r}; {where} has: {', '.join(names)}")
         if depth == len(keys) - 1:
             hint = _field_types(type(node))[key]
-            if isinstance(value, str) and _accepts_raw_string(hint):
+            if value is not None and _accepts_raw_string(hint):
                 value = raw  # keep strings like "007" or "1e-3" literally where a str is declared
             object.__setattr__(node, key, coerce(value, hint, path))
         else:

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shlex
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ class Ports:
     ray_gcs: int = 6379
     ray_dashboard: int = 8265
     ray_client: int = 10001
+    ray_agent: int = 52365
 
 
 @dataclass
@@ -88,7 +90,7 @@ class LocalStack:
             ports = self.config.ports
             state["ports"] = {"s3": ports.s3, "mlflow": ports.mlflow, "ray_gcs": ports.ray_gcs,
                               "ray_dashboard": ports.ray_dashboard, "ray_client": ports.ray_client,
-                              "seaweed": services.seaweed_ports(ports.s3, ports.seaweed_base)}
+                              "ray_agent": ports.ray_agent, "seaweed": services.seaweed_ports(ports.s3, ports.seaweed_base)}
         self._save_state(state)
         return state
 
@@ -101,7 +103,7 @@ class LocalStack:
 
     def ray_settings(self, state: dict) -> RaySettings:
         ports = state["ports"]
-        return RaySettings(ports["ray_gcs"], ports["ray_dashboard"], ports["ray_client"],
+        return RaySettings(ports["ray_gcs"], ports["ray_dashboard"], ports["ray_client"], ports["ray_agent"],
                            self.config.ray_num_cpus, self.state_dir / "ray" / "auth_token")
 
     def mlflow_url(self, state: dict) -> str:
@@ -199,7 +201,7 @@ class LocalStack:
         elif name == "mlflow":
             wanted = {"mlflow": ports["mlflow"]}
         else:
-            wanted = {k: ports[k] for k in ("ray_gcs", "ray_dashboard", "ray_client")}
+            wanted = {k: ports[k] for k in ("ray_gcs", "ray_dashboard", "ray_client", "ray_agent")}
         services.check_ports_free(wanted)
 
     @staticmethod
@@ -223,7 +225,19 @@ class LocalStack:
             log(f"{name:10s} stopped")
         state["services"] = {}
         self._save_state(state)
+        self._forget_ray_cluster(state["ports"]["ray_gcs"])
         return stopped
+
+    @staticmethod
+    def _forget_ray_cluster(gcs_port: int) -> None:
+        """Ray remembers the last head it started here and `ray.init()` would try
+        to join it after it is gone; forget it when it was ours."""
+        marker = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        try:
+            if marker.read_text().strip().endswith(f":{gcs_port}"):
+                marker.unlink()
+        except OSError:
+            pass
 
 
 def export_lines(env: dict[str, str]) -> str:

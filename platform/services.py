@@ -220,6 +220,8 @@ class RaySettings:
     gcs_port: int = 6379
     dashboard_port: int = 8265
     client_port: int = 10001
+    # Ray's default (52365) is fixed; two clusters on one machine must differ.
+    agent_port: int = 52365
     num_cpus: int | None = None
     token_path: Path | None = None
 
@@ -248,6 +250,7 @@ def start_ray_head(settings: RaySettings, job_env: dict[str, str], cwd: Path, st
         f"--node-ip-address={LOOPBACK}", f"--port={settings.gcs_port}",
         "--dashboard-host", LOOPBACK, f"--dashboard-port={settings.dashboard_port}",
         f"--ray-client-server-port={settings.client_port}",
+        f"--dashboard-agent-listen-port={settings.agent_port}",
     ]
     if settings.num_cpus:
         command.append(f"--num-cpus={settings.num_cpus}")
@@ -260,6 +263,9 @@ def start_ray_head(settings: RaySettings, job_env: dict[str, str], cwd: Path, st
 
 
 def ray_ready(settings: RaySettings) -> bool:
+    # Jobs are handed to the dashboard agent: until it listens, submissions fail.
+    if not port_in_use(settings.agent_port):
+        return False
     env = {**os.environ, **settings.client_env()}
     env.pop("RAY_ADDRESS", None)
     status = subprocess.run([venv_bin("ray"), "status", f"--address={settings.gcs_address}"],

@@ -82,7 +82,7 @@ def join(base: str, *parts: str) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _s3_client_for(endpoint: str | None, access_key: str | None, region: str | None):
+def _s3_client_for(endpoint: str | None, access_key: str | None, secret_key: str | None, region: str | None):
     import boto3
     from botocore.config import Config
 
@@ -93,7 +93,8 @@ def _s3_client_for(endpoint: str | None, access_key: str | None, region: str | N
         read_timeout=60,
     )
     return boto3.session.Session().client(
-        "s3", endpoint_url=endpoint or None, region_name=region or "us-east-1", config=config
+        "s3", endpoint_url=endpoint or None, region_name=region or "us-east-1", config=config,
+        aws_access_key_id=access_key, aws_secret_access_key=secret_key,
     )
 
 
@@ -102,6 +103,7 @@ def s3_client():
     return _s3_client_for(
         os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
         os.environ.get("AWS_ACCESS_KEY_ID"),
+        os.environ.get("AWS_SECRET_ACCESS_KEY"),
         os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
     )
 

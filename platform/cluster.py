@@ -1,0 +1,54 @@
+"""Connect to Ray: the cluster in `RAY_ADDRESS` when set, else a local Ray
+sized to this machine.
+
+`RAY_ADDRESS` may be the dashboard URL (`http://…:8265`, what `ray job submit`
+wants and what `kosmos-g local env` exports); `ray.init` needs the GCS address,
+so that case maps to `KOSMOS_RAY_GCS_ADDRESS` or to the cluster on this machine.
+Inside a Ray job, Ray itself sets `RAY_ADDRESS` to the GCS address.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Environment a job's workers need to reach storage and tracking; passed in
+# runtime_env so it also holds on clusters whose nodes were started without it.
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
+    "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "KOSMOS_STORAGE_ROOT", "KOSMOS_CACHE_DIR",
+    "TORCH_EXTENSIONS_DIR",
+)
+
+
+def forwarded_env() -> dict[str, str]:
+    return {key: os.environ[key] for key in FORWARDED_ENV if os.environ.get(key)}
+
+
+def ray_address() -> str | None:
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        return None
+    if address.startswith(("http://", "https://")):
+        return os.environ.get("KOSMOS_RAY_GCS_ADDRESS") or "auto"
+    return address
+
+
+def connect(num_cpus: int | None = None, **init_kwargs):
+    """`ray.init` once per process; returns the Ray context."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
+    runtime_env["env_vars"] = {**forwarded_env(), **runtime_env.get("env_vars", {})}
+    address = ray_address()
+    if address is None:
+        # "local" always starts a fresh Ray; None would join any cluster this
+        # machine ran last (even a dead one, via /tmp/ray/ray_current_cluster).
+        address = "local"
+        init_kwargs.setdefault("num_cpus", num_cpus or os.cpu_count())
+        init_kwargs.setdefault("include_dashboard", False)
+    elif address != os.environ.get("RAY_ADDRESS"):
+        # ray.init would otherwise also read the dashboard URL from the environment.
+        os.environ["RAY_ADDRESS"] = address
+    return ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **init_kwargs)

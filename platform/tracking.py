@@ -1,0 +1,177 @@
+"""MLflow helpers shared by every pipeline and by serving.
+
+- one experiment per pipeline (`kosmos-g-<pipeline>`);
+- a run is keyed by a stable `run_key` (the job name): a restarted or
+  re-submitted job finds and continues the same run instead of opening a new one;
+- the resolved config is logged once as params and as `config.yaml`;
+- `RunLogger` logs metrics on rank 0 only (other ranks get a no-op logger);
+- models are registered as a new version with an alias, and `models:/name@alias`
+  (or any storage URI) resolves to a local directory.
+
+All calls go through `MlflowClient` with an explicit run id, never the global
+"active run", so they behave the same in a Ray worker as in a script.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RUN_KEY_TAG = "kosmos_g.run_key"
+# MLflow reserves the alias "latest": `models:/name/latest` already means the
+# newest version. Each registration also moves this alias to the new version.
+DEFAULT_ALIAS = "current"
+MAX_PARAM_LENGTH = 6000
+
+
+def client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def experiment_name(pipeline: str) -> str:
+    return f"kosmos-g-{pipeline}"
+
+
+def ensure_experiment(name: str) -> str:
+    mlflow_client = client()
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            mlflow_client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    try:
+        return mlflow_client.create_experiment(name)
+    except Exception:
+        # Another worker created it between our lookup and create.
+        experiment = mlflow_client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def find_run(experiment_id: str, run_key: str) -> str | None:
+    runs = client().search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def start_run(pipeline: str, run_key: str, config: Any = None, tags: dict[str, str] | None = None) -> tuple[str, bool]:
+    """Return (run_id, resumed). A new run gets the config as params + YAML;
+    a resumed run is set back to RUNNING and keeps its params."""
+    from kosmos_g.platform.config import flatten, to_yaml
+
+    mlflow_client = client()
+    experiment_id = ensure_experiment(experiment_name(pipeline))
+    run_id = find_run(experiment_id, run_key)
+    if run_id is not None:
+        mlflow_client.update_run(run_id, status="RUNNING")
+        return run_id, True
+    run = mlflow_client.create_run(experiment_id, run_name=run_key, tags={RUN_KEY_TAG: run_key, **(tags or {})})
+    run_id = run.info.run_id
+    if config is not None:
+        log_params(run_id, flatten(config))
+        log_text(run_id, to_yaml(config), "config.yaml")
+    return run_id, False
+
+
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(key, str(value)[:MAX_PARAM_LENGTH]) for key, value in params.items()]
+    for start in range(0, len(items), 100):  # the API takes at most 100 params per batch
+        client().log_batch(run_id, params=items[start:start + 100])
+
+
+def log_text(run_id: str, text: str, artifact_file: str) -> None:
+    client().log_text(run_id, text, artifact_file)
+
+
+def log_dir(run_id: str, local_dir: str | os.PathLike, artifact_path: str | None = None) -> None:
+    client().log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    client().set_terminated(run_id, status=status)
+
+
+class RunLogger:
+    """Metrics for one run; a no-op on every rank but 0."""
+
+    def __init__(self, run_id: str | None, rank: int = 0):
+        self.run_id = run_id
+        self.enabled = run_id is not None and rank == 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        batch = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
+        client().log_batch(self.run_id, metrics=batch)
+
+
+# ------------------------------------------------------------------ registry
+
+
+def register_model(run_id: str, artifact_path: str, name: str, alias: str = DEFAULT_ALIAS,
+                   tags: dict[str, str] | None = None) -> str:
+    """Register `<run artifacts>/<artifact_path>` as a new version of `name`,
+    point `alias` at it and return the version number."""
+    mlflow_client = client()
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.create_registered_model(name)
+    except MlflowException as error:
+        if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
+            raise
+    run = mlflow_client.get_run(run_id)
+    source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
+    version = mlflow_client.create_model_version(name, source, run_id=run_id, tags=tags)
+    _wait_until_ready(name, version.version)
+    mlflow_client.set_registered_model_alias(name, alias, version.version)
+    return version.version
+
+
+def _wait_until_ready(name: str, version: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client().get_model_version(name, version).status
+        if status == "READY":
+            return
+        if status == "FAILED_REGISTRATION":
+            raise RuntimeError(f"registration of {name} version {version} failed")
+        time.sleep(0.5)
+    raise TimeoutError(f"{name} version {version} not READY after {timeout}s")
+
+
+def latest_model_uri(name: str) -> str | None:
+    """`models:/name/latest` (the newest version) if `name` has any version, else None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client().search_model_versions(f"name = '{name}'", max_results=1)
+    except MlflowException:
+        return None
+    return f"models:/{name}/latest" if versions else None
+
+
+def resolve_artifacts(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local directory for `models:/…`, `runs:/…` or a storage URI/path."""
+    if uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        import mlflow
+
+        destination = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="kosmos-model-"))
+        destination.mkdir(parents=True, exist_ok=True)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination)))
+    from kosmos_g.platform import storage
+
+    return storage.local_dir(uri, cache_dir)

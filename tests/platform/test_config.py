@@ -1,0 +1,72 @@
+from dataclasses import dataclass, field
+
+import argparse
+import pytest
+
+from kosmos_g.platform.config import ConfigError, Presets, apply_overrides, flatten, from_yaml, to_yaml
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.98)
+
+
+@dataclass
+class Job:
+    name: str = "job"
+    steps: int = 10
+    bf16: bool = False
+    init: str | None = None
+    optim: Optim = field(default_factory=Optim)
+
+
+PRESETS = Presets(Job)
+PRESETS.register("tiny", lambda: Job(steps=3))
+PRESETS.register("paper", lambda: Job(steps=200_000, bf16=True, optim=Optim(lr=1e-3)))
+
+
+def test_presets_and_overrides():
+    cfg = PRESETS.get("tiny", ["optim.lr=2e-4", "bf16=true", "init=models:/kosmos-g@latest", "steps=7"])
+    assert cfg == Job(steps=7, bf16=True, init="models:/kosmos-g@latest", optim=Optim(lr=2e-4))
+    assert PRESETS.get("paper").steps == 200_000
+    assert apply_overrides(cfg, ["init=null"]).init is None
+    assert apply_overrides(cfg, ["optim.betas=[0.8, 0.9]"]).optim.betas == (0.8, 0.9)
+    assert apply_overrides(cfg, ["name=007"]).name == "007"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown key 'optim.lrr'"),
+    ("steps=ten", "steps: expected an integer"),
+    ("bf16=3", "bf16: expected true/false"),
+    ("optim=3", "optim: expected a mapping"),
+    ("steps.x=1", "not a section"),
+    ("steps", "must look like section.key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        PRESETS.get("tiny", [override])
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(ConfigError, match="choose one of: tiny, paper"):
+        PRESETS.get("huge")
+
+
+def test_yaml_round_trip_and_flatten():
+    cfg = PRESETS.get("paper")
+    assert from_yaml(Job, to_yaml(cfg)) == cfg
+    assert flatten(cfg)["optim.lr"] == 1e-3
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_yaml(Job, "stepz: 3\n")
+
+
+def test_argparse_integration(tmp_path):
+    parser = argparse.ArgumentParser()
+    PRESETS.add_arguments(parser)
+    args = parser.parse_args(["--preset", "paper", "--set", "steps=5"])
+    assert PRESETS.from_args(args).steps == 5
+    path = tmp_path / "job.yaml"
+    path.write_text(to_yaml(Job(steps=42)))
+    args = parser.parse_args(["--config", str(path), "--set", "bf16=true"])
+    assert PRESETS.from_args(args) == Job(steps=42, bf16=True)

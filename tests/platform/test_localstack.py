@@ -1,0 +1,116 @@
+"""`kosmos-g local up|status|env|down` as a user runs them, on free ports."""
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from kosmos_g.platform import services
+from tests.conftest import REPO_ROOT
+
+KOSMOS_G = str(Path(sys.executable).parent / "kosmos-g")
+
+
+def _free_block(size: int) -> int:
+    """A base port with `size` free ports above it."""
+    for _ in range(50):
+        base = services.free_port()
+        if base + size < 65000 and not any(services.port_in_use(base + i) for i in range(1, size + 1)):
+            return base
+    raise RuntimeError("no free port block")
+
+
+def _run(*args, env=None, timeout=300):
+    return subprocess.run([KOSMOS_G, "local", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env or os.environ.copy(), cwd=REPO_ROOT)
+
+
+def _parse_exports(text: str) -> dict[str, str]:
+    env = {}
+    for line in text.splitlines():
+        assert line.startswith("export "), line
+        key, value = line[len("export "):].split("=", 1)
+        env[key] = shlex.split(value)[0]
+    return env
+
+
+def test_up_status_submit_down(tmp_path):
+    state = tmp_path / "state"
+    overrides = ["--state-dir", str(state)]
+    for key, value in {"s3": services.free_port(), "seaweed_base": _free_block(10), "mlflow": services.free_port(),
+                       "ray_gcs": services.free_port(), "ray_dashboard": services.free_port(),
+                       "ray_client": services.free_port(), "ray_agent": services.free_port()}.items():
+        overrides += ["--set", f"ports.{key}={value}"]
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
+    try:
+        up = _run("up", *overrides, env=base_env)
+        assert up.returncode == 0, up.stderr
+        assert "seaweedfs  ready at http://127.0.0.1" in up.stderr
+
+        again = _run("up", *overrides, env=base_env)  # idempotent
+        assert again.returncode == 0 and again.stderr.count("already running") == 3, again.stderr
+
+        status = _run("status", "--json", *overrides, env=base_env)
+        assert status.returncode == 0
+        assert all(item["ready"] for item in json.loads(status.stdout).values())
+
+        env_out = _run("env", *overrides, env=base_env)
+        exported = _parse_exports(env_out.stdout)
+        for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
+                    "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+            assert key in exported
+
+        # The README's flow: a job submitted from the repo root reaches S3 and MLflow with no flags.
+        script = ("import kosmos_g.platform.storage as s, os; "
+                  "s.write_bytes(os.environ['KOSMOS_STORAGE_ROOT'] + '/job-probe', b'from-job'); "
+                  "print('tracking=' + os.environ['MLFLOW_TRACKING_URI'])")
+        job = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--", "python", "-c", script],
+                             capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env={**base_env, **exported})
+        assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]
+        assert f"tracking={exported['MLFLOW_TRACKING_URI']}" in job.stdout
+        from kosmos_g.platform import storage
+
+        storage._s3_client_for.cache_clear()
+        saved = {k: os.environ.get(k) for k in exported}
+        os.environ.update(exported)
+        try:
+            assert storage.read_bytes(exported["KOSMOS_STORAGE_ROOT"] + "/job-probe") == b"from-job"
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            storage._s3_client_for.cache_clear()
+
+        # Without the token the job server refuses the client.
+        no_token = {**base_env, "RAY_ADDRESS": exported["RAY_ADDRESS"]}
+        refused = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list"], capture_output=True,
+                                 text=True, timeout=120, env=no_token, cwd=tmp_path)
+        assert refused.returncode != 0
+    finally:
+        down = _run("down", *overrides, env=base_env)
+    assert down.returncode == 0, down.stderr
+    stack_id = json.loads((state / "stack.json").read_text())["stack_id"]
+    assert services.tagged_processes(stack_id) == []
+    status = _run("status", *overrides, env=base_env)
+    assert status.returncode == 1 and "stopped" in status.stdout
+
+
+def test_up_fails_clearly_when_a_port_is_taken(tmp_path):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        result = _run("up", "--state-dir", str(tmp_path), "--set", f"ports.s3={taken}",
+                      "--set", f"ports.seaweed_base={_free_block(10)}", timeout=120)
+    assert result.returncode == 1
+    assert f"port(s) already in use by another program: seaweed.s3={taken}" in result.stderr
+
+
+def test_bad_override_is_rejected(tmp_path):
+    result = _run("env", "--state-dir", str(tmp_path), "--set", "ports.nope=1")
+    assert result.returncode == 2 and "unknown key 'ports.nope'" in result.stderr

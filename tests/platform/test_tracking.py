@@ -1,0 +1,68 @@
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+from kosmos_g.platform import storage, tracking
+
+
+@dataclass
+class Cfg:
+    lr: float = 0.1
+    steps: int = 3
+
+
+def test_run_params_metrics_artifacts_and_resume(stack_env, s3_server, tmp_path):
+    key = f"job-{uuid.uuid4().hex[:8]}"
+    run_id, resumed = tracking.start_run("unit", key, Cfg())
+    assert not resumed
+    logger = tracking.RunLogger(run_id, rank=0)
+    logger.log_metrics({"loss": 2.0}, step=0)
+    tracking.RunLogger(run_id, rank=1).log_metrics({"loss": 99.0}, step=0)  # ignored: not rank 0
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "model.safetensors").write_bytes(b"w" * 1000)
+    tracking.log_dir(run_id, tmp_path / "weights", "model")
+
+    # A restarted job with the same key continues the same run.
+    again, resumed = tracking.start_run("unit", key, Cfg(lr=0.5))
+    assert (again, resumed) == (run_id, True)
+    tracking.RunLogger(again).log_metrics({"loss": 1.0}, step=1)
+    tracking.end_run(run_id)
+
+    run = tracking.client().get_run(run_id)
+    assert run.data.params == {"lr": "0.1", "steps": "3"}
+    history = tracking.client().get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(0, 2.0), (1, 1.0)]
+    assert run.info.status == "FINISHED"
+    # Artifacts were proxied by the MLflow server into the S3 bucket.
+    stored = storage.list_uris(f"s3://{s3_server.bucket}/mlflow-artifacts/")
+    assert any(uri.endswith(f"{run_id}/artifacts/model/model.safetensors") for uri in stored)
+    assert any(uri.endswith(f"{run_id}/artifacts/config.yaml") for uri in stored)
+
+
+def test_register_alias_and_resolve(stack_env, tmp_path):
+    name = f"kosmos-g-unit-{uuid.uuid4().hex[:6]}"
+    assert tracking.latest_model_uri(name) is None
+    versions = []
+    for content in (b"v1", b"v2"):
+        run_id, _ = tracking.start_run("unit", f"reg-{uuid.uuid4().hex[:8]}")
+        model_dir = tmp_path / content.decode()
+        model_dir.mkdir()
+        (model_dir / "weights.bin").write_bytes(content)
+        tracking.log_dir(run_id, model_dir, "model")
+        versions.append(tracking.register_model(run_id, "model", name))
+    assert versions == ["1", "2"]
+    uri = tracking.latest_model_uri(name)
+    assert uri == f"models:/{name}/latest"
+    assert (tracking.resolve_artifacts(uri, tmp_path / "dl") / "weights.bin").read_bytes() == b"v2"
+    by_alias = tracking.resolve_artifacts(f"models:/{name}@{tracking.DEFAULT_ALIAS}", tmp_path / "alias")
+    assert (by_alias / "weights.bin").read_bytes() == b"v2"
+    local_v1 = tracking.resolve_artifacts(f"models:/{name}/1", tmp_path / "dl1")
+    assert (local_v1 / "weights.bin").read_bytes() == b"v1"
+
+
+def test_resolve_storage_uri(stack_env, s3_prefix, tmp_path):
+    storage.write_text(f"{s3_prefix}/m/config.json", "{}")
+    assert (tracking.resolve_artifacts(f"{s3_prefix}/m", tmp_path) / "config.json").exists()
+    with pytest.raises(storage.StorageNotFound):
+        tracking.resolve_artifacts(str(tmp_path / "absent"))
