@@ -204,10 +204,12 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         return bool(value)
     if hint in (int, float):
         return hint(value)
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-        if type(None) in typing.get_args(hint):
-            return None
-    return value if value is None else str(value)
+    optional = type(None) in typing.get_args(hint)
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
+        return None
+    if value is None:
+        raise ValueError(f"{where}: may not be None")
+    return str(value)
 
 
 def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:

@@ -121,3 +121,16 @@ def test_pretrained_clip_directory_is_loaded(tmp_path, photos):
     assert model.tokenizer.image_size == 32
     cond = model.encode_prompts([parse_prompt("a <i>", [photos[0]])])
     assert cond.shape == (1, 77, 32)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(photos):
+    grads = []
+    for checkpointing in (False, True):
+        cfg = model_preset("tiny")
+        cfg.mllm.gradient_checkpointing = checkpointing
+        torch.manual_seed(0)
+        model = KosmosG.from_config(cfg).train()
+        model.set_stage(1)
+        model.lm_loss(model.tokenizer([parse_prompt("a <i> cat", [photos[1]])])).backward()
+        grads.append(model.mllm.decoder.layers[0].ffn.fc1.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
