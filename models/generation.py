@@ -73,6 +73,11 @@ def _as_prompt(prompt: Any) -> list:
         from .prompt import parse_prompt
 
         return parse_prompt(prompt, [])
+    if not isinstance(prompt, (list, tuple)):
+        raise TypeError(
+            f"each prompt is text or a list of segments, got {type(prompt).__name__}; "
+            "pass one interleaved prompt as [segments]"
+        )
     return list(prompt)
 
 

@@ -98,6 +98,11 @@ class InterleavedTokenizer:
         """
         if isinstance(segments, str):
             segments = [segments]
+        elif not isinstance(segments, (list, tuple)):
+            raise TypeError(
+                f"a prompt is text or a list of segments, got {type(segments).__name__}; "
+                "wrap a single image as [image]"
+            )
         ids, image_mask, loss_mask = [self.bos_id], [False], [False]
         pixels: list[np.ndarray] = []
         budget = self.max_length - (1 if add_eos else 0)

@@ -41,6 +41,8 @@ def test_generate_images_from_interleaved_prompts(tiny_model, photos):
     assert _same(images, again)
     other_negative = generate(tiny_model, prompts, negative_prompt="blurry", steps=STEPS, seed=0, num_images=2)
     assert not _same(images, other_negative)
+    with pytest.raises(TypeError, match="list of segments"):
+        generate(tiny_model, ["a cat", photos[0]], steps=STEPS)  # a bare image is not a prompt
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
