@@ -2,8 +2,11 @@
 AlignerNet, as safetensors plus the ModelConfig as JSON. Loading never unpickles anything.
 
 The whole MLLM is stored, including the frozen CLIP layers, so a checkpoint is rebuilt
-without the original CLIP weights. The frozen image decoder is not stored: `load_model`
-reads it from `image_decoder.pretrained_path` (override it where the checkpoint moves).
+without the original CLIP weights. The frozen image decoder is not stored by
+`save_trainable`: `load_model` reads it from `image_decoder.pretrained_path`. A servable
+bundle (`save_servable`) also carries the decoder in diffusers layout under
+`image_decoder/` when it has no pretrained path (random tiny decoders); a relative
+`pretrained_path` is resolved against the checkpoint directory.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from .config import apply_overrides, config_from_dict, config_to_dict
 
 WEIGHTS_NAME = "model.safetensors"
+DECODER_DIR = "image_decoder"
 CONFIG_NAME = "config.json"
 PARTS = ("mllm", "aligner")
 
@@ -48,6 +52,18 @@ def save_trainable(model, directory: str | Path) -> Path:
     return directory
 
 
+def save_servable(model, directory: str | Path) -> Path:
+    """`save_trainable` plus what serving needs to reproduce the frozen image decoder:
+    its diffusers layout when it was not loaded from a pretrained path."""
+    directory = save_trainable(model, directory)
+    if model.config.image_decoder.pretrained_path is None:
+        model.image_decoder.save_pretrained(directory / DECODER_DIR)
+        data = json.loads((directory / CONFIG_NAME).read_text())
+        data["image_decoder"]["pretrained_path"] = DECODER_DIR
+        (directory / CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
+    return directory
+
+
 def load_trainable(model, path: str | Path) -> None:
     """Load `mllm.*`/`aligner.*` tensors into `model` (strict: every key must match)."""
     state = load_file(str(path), device=str(model.device))
@@ -61,8 +77,13 @@ def load_trainable(model, path: str | Path) -> None:
 
 
 def load_config(directory: str | Path, overrides: dict[str, Any] | None = None):
-    data = json.loads((Path(directory) / CONFIG_NAME).read_text())
-    return apply_overrides(config_from_dict(data), overrides)
+    directory = Path(directory)
+    data = json.loads((directory / CONFIG_NAME).read_text())
+    cfg = apply_overrides(config_from_dict(data), overrides)
+    decoder_path = cfg.image_decoder.pretrained_path
+    if decoder_path and not Path(decoder_path).is_absolute() and (directory / decoder_path).is_dir():
+        cfg.image_decoder.pretrained_path = str(directory / decoder_path)
+    return cfg
 
 
 def load_model(directory: str | Path, overrides: dict[str, Any] | None = None,

@@ -124,6 +124,18 @@ class ImageDecoder(nn.Module):
             vae_block_out_channels=vae_blocks,
         )
 
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the diffusers layout (unet/, vae/, scheduler/, text_encoder/, tokenizer/)
+        that `pretrained_path` loads: how a randomly initialised (tiny) decoder travels
+        with a servable model."""
+        directory = Path(directory)
+        self.unet.save_pretrained(directory / "unet")
+        self.vae.save_pretrained(directory / "vae")
+        self.noise_scheduler.save_pretrained(directory / "scheduler")
+        self.text_encoder.save_pretrained(directory / "text_encoder")
+        self.clip_tokenizer.save_pretrained(directory / "tokenizer")
+        return directory
+
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)

@@ -82,3 +82,20 @@ def test_config_dict_round_trip_and_presets():
     assert cfg.image_decoder.pretrained_path == "/sd" and cfg.tokenizer.max_length == 128
     assert cfg.image_decoder.unet_block_out_channels == (32, 64)
     assert apply_overrides(cfg, {"image_decoder.pretrained_path": "none"}).image_decoder.pretrained_path is None
+
+
+def test_servable_bundle_carries_the_random_decoder(tmp_path):
+    import torch
+
+    from kosmos_g.models.checkpoint import load_model, save_servable
+    from tests.models.conftest import make_tiny
+
+    model = make_tiny().eval()
+    save_servable(model, tmp_path / "bundle")
+    assert (tmp_path / "bundle" / "image_decoder" / "unet" / "config.json").exists()
+    torch.manual_seed(123)  # a different seed: the decoder must come from the bundle, not the RNG
+    loaded = load_model(tmp_path / "bundle").eval()
+    for name, tensor in model.image_decoder.unet.state_dict().items():
+        assert torch.equal(tensor, loaded.image_decoder.unet.state_dict()[name]), name
+    with torch.no_grad():
+        assert torch.equal(model.encode_prompts(["a red cube"]), loaded.encode_prompts(["a red cube"]))
