@@ -1,0 +1,159 @@
+"""The driver side of a training stage: resolve where to start, open (or
+continue) the MLflow run, build the Ray Data stream, run Ray Train's
+TorchTrainer, then log and register the result.
+
+`pipelines/pretrain.py`, `align.py` and `instruct.py` are thin: a preset and a
+call to `run_stage`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kosmos_g.platform import cluster, storage, tracking
+from kosmos_g.platform.config import to_dict, to_yaml
+from kosmos_g.platform.trainconfig import REGISTERED_NAMES, StageConfig, stage_presets
+from kosmos_g.platform.train_loop import BUNDLE_DIR, train_loop_per_worker
+
+
+@dataclass
+class StageResult:
+    run_id: str
+    checkpoint_path: str
+    registered: str | None  # "name/version"
+    metrics: dict
+
+
+def resolve_init(cfg: StageConfig) -> str | None:
+    """A concrete model URI to start from, or None for a random start."""
+    if cfg.init == "random":
+        return None
+    if cfg.init != "auto":
+        return cfg.init
+    if cfg.stage == 1:
+        return None
+    previous = tracking.latest_model_uri(REGISTERED_NAMES[cfg.stage - 1])
+    if previous is None:
+        print(f"[{cfg.pipeline}] no registered {REGISTERED_NAMES[cfg.stage - 1]} model: starting from random "
+              "weights (pass --set init=URI to start from a checkpoint)", flush=True)
+    return previous
+
+
+def model_config_for(cfg: StageConfig, init_uri: str | None):
+    """The architecture the workers will build: the bundle's when starting from one."""
+    if init_uri is None:
+        return cfg.model
+    from kosmos_g.models.checkpoint import load_config
+
+    return load_config(tracking.resolve_artifacts(init_uri))
+
+
+def _storage(cfg: StageConfig):
+    """(storage_path, filesystem) for RunConfig; pyarrow needs the S3 endpoint passed explicitly."""
+    path = cfg.resolved_storage_path()
+    if storage.parse(path).scheme == "s3":
+        filesystem, stripped = storage.pyarrow_filesystem(path)
+        return stripped, filesystem
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return path, None
+
+
+def _use_gpu(cfg: StageConfig) -> bool:
+    import ray
+
+    if cfg.train.use_gpu is not None:
+        return cfg.train.use_gpu
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def fit(cfg: StageConfig, init_uri: str | None, run_id: str):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from kosmos_g.platform.datastream import collate_fn, training_dataset
+
+    model_cfg = model_config_for(cfg, init_uri)
+    dataset = training_dataset(cfg.stage, cfg.data, model_cfg)
+    storage_path, filesystem = _storage(cfg)
+    fault_marker = storage.join(cfg.resolved_storage_path(), cfg.name, ".fault-injected")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg), "init_uri": init_uri, "run_id": run_id,
+                           "fault_marker": fault_marker, "collate": collate_fn(cfg.stage, model_cfg)},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=_use_gpu(cfg)),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": dataset},
+    )
+    return trainer.fit()
+
+
+def publish(cfg: StageConfig, run_id: str, checkpoint) -> str | None:
+    """Log the final bundle (safetensors + config) to the run and register it."""
+    with checkpoint.as_directory() as directory:
+        bundle = Path(directory) / BUNDLE_DIR
+        if not bundle.is_dir():
+            raise RuntimeError(f"final checkpoint {checkpoint.path} has no {BUNDLE_DIR}/")
+        tracking.log_dir(run_id, bundle, "model")
+        if cfg.stage == 3 and cfg.sample_grid:
+            log_sample_grid(run_id, bundle)
+    if not cfg.register:
+        return None
+    version = tracking.register_model(run_id, "model", cfg.registered_name,
+                                      tags={"stage": str(cfg.stage), "job": cfg.name})
+    return f"{cfg.registered_name}/{version}"
+
+
+def log_sample_grid(run_id: str, bundle: Path) -> None:
+    from kosmos_g.platform.sample_grid import sample_grid
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "grid.png"
+        sample_grid(bundle).save(path)
+        tracking.client().log_artifact(run_id, str(path), "samples")
+
+
+def run_stage(cfg: StageConfig) -> StageResult:
+    cfg.validate()
+    cluster.connect()
+    init_uri = resolve_init(cfg)
+    run_id, resumed = tracking.start_run(cfg.pipeline, cfg.name, cfg, tags={"stage": str(cfg.stage)})
+    print(f"[{cfg.pipeline}] MLflow run {run_id} ({'continued' if resumed else 'new'}); "
+          f"init: {init_uri or 'random'}; checkpoints: {cfg.resolved_storage_path()}/{cfg.name}", flush=True)
+    started = time.monotonic()
+    try:
+        result = fit(cfg, init_uri, run_id)
+        if result.error:
+            raise result.error
+        registered = publish(cfg, run_id, result.checkpoint)
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    tracking.RunLogger(run_id).log_metrics({"wall_clock_s": time.monotonic() - started}, cfg.train.steps)
+    tracking.end_run(run_id)
+    print(f"[{cfg.pipeline}] done: registered {registered}; run {run_id}", flush=True)
+    return StageResult(run_id, result.checkpoint.path, registered, dict(result.metrics or {}))
+
+
+def main(stage: int, argv: list[str] | None = None) -> int:
+    """Command line shared by the three stage scripts."""
+    presets = stage_presets(stage)
+    parser = argparse.ArgumentParser(description=f"Kosmos-G training stage {stage} on Ray Train + DeepSpeed")
+    presets.add_arguments(parser)
+    args = parser.parse_args(argv)
+    cfg = presets.from_args(args)
+    if args.print_config:
+        print(to_yaml(cfg))
+        return 0
+    result = run_stage(cfg)
+    print(json.dumps({"run_id": result.run_id, "registered": result.registered,
+                      "checkpoint": result.checkpoint_path}), flush=True)
+    return 0

@@ -1,0 +1,239 @@
+"""The per-worker training loop: Ray Train runs `train_loop_per_worker` on every
+worker; each builds the model, wraps it in a DeepSpeed engine and steps through
+its shard of the Ray Data stream.
+
+The loop reads as torchtitan's: `next_batch → forward_backward → optimizer_step`,
+with checkpoints (DeepSpeed engine state from every rank, reported to Ray Train)
+every `checkpoint_every` steps and metrics on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from kosmos_g.platform import storage, tracking
+from kosmos_g.platform.config import from_dict
+from kosmos_g.platform.trainconfig import StageConfig
+
+STATE_FILE = "trainer_state.json"
+BUNDLE_DIR = "bundle"  # the servable bundle rank 0 adds to the final checkpoint
+MODEL_KEYS = ("input_ids", "attention_mask", "image_mask", "loss_mask", "pixel_values")
+
+
+# ----------------------------------------------------------------- building
+
+
+def build_model(cfg: StageConfig, init_uri: str | None, device: torch.device):
+    """The stage's model: from a bundle when `init_uri` is set, else random.
+    Every rank seeds identically so random initialisations agree."""
+    from kosmos_g.models.checkpoint import load_model
+    from kosmos_g.models.kosmos_g import KosmosG
+
+    torch.manual_seed(cfg.train.seed)
+    if init_uri:
+        model = load_model(tracking.resolve_artifacts(init_uri))
+    else:
+        model = KosmosG.from_config(cfg.model)
+    model.set_stage(cfg.stage)
+    return model.to(device).train()
+
+
+def lr_lambda(optim_cfg, total_steps: int):
+    """Linear warm-up to the peak, then linear decay to 0 (appendix A)."""
+    warmup = max(1, optim_cfg.warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+def deepspeed_config(cfg: StageConfig, on_gpu: bool) -> dict[str, Any]:
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def make_engine(model, cfg: StageConfig, on_gpu: bool):
+    """DeepSpeed engine over the model; only the stage's trainable parameters
+    reach the optimiser, so frozen modules stay out of ZeRO's partitions."""
+    import deepspeed
+
+    if not on_gpu and not cfg.train.cpu_shm_comm:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    params = model.trainable_parameters()
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # norms and biases
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, on_gpu),
+        dist_init_required=False,
+    )
+    return engine
+
+
+# --------------------------------------------------------------- one step
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def forward_backward(engine, batch: dict[str, Any], cfg: StageConfig) -> dict[str, float]:
+    model_batch = {k: batch[k] for k in MODEL_KEYS}
+    outputs = engine(model_batch, captions=batch.get("captions"), target_pixels=batch.get("target_pixels"),
+                     cond_dropout=cfg.train.cond_dropout)
+    engine.backward(outputs["loss"])
+    return {name: float(value.detach()) for name, value in outputs.items()}
+
+
+def optimizer_step(engine) -> None:
+    engine.step()  # clips, steps the optimiser and the LR schedule, zeroes grads
+
+
+def batches(shard, cfg: StageConfig, collate) -> Iterator[dict[str, Any]]:
+    """Endless batches: the shard is re-iterated epoch after epoch."""
+    while True:
+        empty = True
+        for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, collate_fn=collate,
+                                              drop_last=True):
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError("the training stream produced no full batch: too little data for batch_size")
+
+
+# ------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(engine, step: int, metrics: dict[str, float], rank: int, bundle_model=None) -> None:
+    """Every rank writes its DeepSpeed shard into its own directory and reports it;
+    Ray Train merges them into one checkpoint and registers it only when all
+    uploads finished, so a checkpoint is never half-written."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="kosmos-ckpt-") as directory:
+        engine.save_checkpoint(directory, tag=f"step_{step}", client_state={"step": step})
+        if rank == 0:
+            Path(directory, STATE_FILE).write_text(json.dumps({"step": step, "tag": f"step_{step}"}))
+            if bundle_model is not None:
+                from kosmos_g.models.checkpoint import save_servable
+
+                save_servable(bundle_model, Path(directory) / BUNDLE_DIR)
+        ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def restore_checkpoint(engine) -> int:
+    """Load the latest reported checkpoint if any; returns the step to resume at."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        state = json.loads(Path(directory, STATE_FILE).read_text())
+        engine.load_checkpoint(directory, tag=state["tag"])
+    return int(state["step"])
+
+
+def maybe_inject_failure(cfg: StageConfig, step: int, rank: int, marker_uri: str) -> None:
+    """Test hook: kill this worker process hard, once, at the chosen step."""
+    if step != cfg.train.fail_at_step or rank != cfg.train.fail_rank or storage.exists(marker_uri):
+        return
+    storage.write_text(marker_uri, f"worker {rank} killed at step {step}")
+    print(f"[fault injection] rank {rank} exits at step {step}", flush=True)
+    os._exit(1)
+
+
+# ------------------------------------------------------------------- loop
+
+
+class Throughput:
+    """Samples/s, tokens/s and the fraction of time spent waiting for data."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.started = time.perf_counter()
+        self.samples = self.tokens = 0
+        self.data_wait = 0.0
+
+    def add(self, batch: dict[str, Any], waited: float) -> None:
+        self.samples += int(batch["input_ids"].shape[0])
+        self.tokens += int(batch["attention_mask"].sum())
+        self.data_wait += waited
+
+    def metrics(self, world_size: int) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        return {"samples_per_s": self.samples * world_size / elapsed,
+                "tokens_per_s": self.tokens * world_size / elapsed,
+                "data_wait_fraction": self.data_wait / elapsed}
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(StageConfig, loop_config["config"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+
+    model = build_model(cfg, loop_config.get("init_uri"), device)
+    engine = make_engine(model, cfg, on_gpu)
+    step = restore_checkpoint(engine)
+    if rank == 0:
+        print(f"[{cfg.pipeline}] starting at step {step}/{cfg.train.steps} on {world_size} worker(s)", flush=True)
+    logger = tracking.RunLogger(loop_config.get("run_id"), rank)
+    shard = ray.train.get_dataset_shard("train")
+    stream = batches(shard, cfg, loop_config["collate"])
+    meter = Throughput()
+    window: list[float] = []
+    while step < cfg.train.steps:
+        maybe_inject_failure(cfg, step, rank, loop_config["fault_marker"])
+        waited = time.perf_counter()
+        batch = to_device(next(stream), device)
+        waited = time.perf_counter() - waited
+        losses = forward_backward(engine, batch, cfg)
+        if not math.isfinite(losses["loss"]):
+            raise FloatingPointError(f"loss became {losses['loss']} at step {step}")
+        optimizer_step(engine)
+        step += 1
+        meter.add(batch, waited)
+        window.append(losses["loss"])
+        logger.log_metrics({**losses, "lr": engine.get_lr()[0]}, step)
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            rates = meter.metrics(world_size)
+            logger.log_metrics(rates, step)
+            if rank == 0:
+                print(f"[{cfg.pipeline}] step {step}/{cfg.train.steps} loss {sum(window) / len(window):.4f} "
+                      f"samples/s {rates['samples_per_s']:.1f} data-wait {rates['data_wait_fraction']:.0%}",
+                      flush=True)
+            meter.reset()
+            window.clear()
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+            final = step == cfg.train.steps
+            save_checkpoint(engine, step, losses, rank, bundle_model=engine.module if final and rank == 0 else None)

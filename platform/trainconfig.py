@@ -1,0 +1,137 @@
+"""Typed configs and presets of the three training stages (paper appendix A).
+
+One `StageConfig` shape serves pretrain (stage 1), align (stage 2) and instruct
+(stage 3); `stage_presets(stage)` gives each its `tiny` (2 CPU workers, minutes)
+and `paper` (the paper's sizes, batch sizes, learning rates and step counts).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from kosmos_g.models.config import ModelConfig, model_preset
+from kosmos_g.platform.config import ConfigError, Presets
+from kosmos_g.platform.datastream import DataConfig
+
+PIPELINES = {1: "pretrain", 2: "align", 3: "instruct"}
+# What each stage registers; stage 3's result is the servable model.
+REGISTERED_NAMES = {1: "kosmos-g-pretrain", 2: "kosmos-g-align", 3: "kosmos-g"}
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then linear decay to 0 (appendix A)."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    warmup_steps: int = 375
+    grad_clip: float = 2.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200_000
+    batch_size: int = 16  # per worker; global batch = batch_size * num_workers
+    num_workers: int = 64
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    zero_stage: int = 2
+    precision: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; or "fp32" / "bf16"
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    max_failures: int = 3
+    seed: int = 0
+    cond_dropout: float = 0.1  # stage 3 classifier-free-guidance dropout
+    # DeepSpeed's shared-memory CPU collective compiles a C++ op on first use
+    # (~60 s); gloo is enough for CPU runs, so it is off unless asked for.
+    cpu_shm_comm: bool = False
+    # Fault-injection for tests: this worker rank exits hard once at this step.
+    fail_at_step: int = -1
+    fail_rank: int = 1
+
+
+@dataclass
+class StageConfig:
+    stage: int = 3
+    # Job name: the Ray Train run directory and the MLflow run key. Re-submitting
+    # the same name resumes from its latest checkpoint and continues the MLflow run.
+    name: str = "instruct"
+    # Where to start: "auto" (the previous stage's newest registered model, else
+    # random), "random", or a `models:/…`, `runs:/…` or storage URI of a bundle.
+    init: str = "auto"
+    # Ray Train storage (checkpoints); None: $KOSMOS_STORAGE_ROOT/ray-train.
+    storage_path: str | None = None
+    register: bool = True
+    sample_grid: bool = True  # stage 3: log a grid of sample generations
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def pipeline(self) -> str:
+        return PIPELINES[self.stage]
+
+    @property
+    def registered_name(self) -> str:
+        return REGISTERED_NAMES[self.stage]
+
+    def resolved_storage_path(self) -> str:
+        if self.storage_path:
+            return self.storage_path
+        root = os.environ.get("KOSMOS_STORAGE_ROOT") or os.path.abspath(".kosmos/storage")
+        return root.rstrip("/") + "/ray-train"
+
+    def validate(self) -> None:
+        if self.stage not in PIPELINES:
+            raise ConfigError(f"stage must be 1, 2 or 3, got {self.stage}")
+        if self.train.zero_stage not in (0, 1, 2):
+            # Frozen modules (U-Net, VAE, CLIP) must stay whole on every worker; stage 3
+            # would partition them too. ZeRO-3 also aborted at exit on CPU in our tests.
+            raise ConfigError(f"train.zero_stage must be 0, 1 or 2, got {self.train.zero_stage}")
+        if self.train.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.train.precision!r}")
+        for key in ("steps", "batch_size", "num_workers", "checkpoint_every", "log_every"):
+            if getattr(self.train, key) < 1:
+                raise ConfigError(f"train.{key} must be at least 1")
+
+
+def _sample_data() -> DataConfig:
+    """The bundled sample shards (`kosmos-g data samples` writes them here)."""
+    root = os.environ.get("KOSMOS_STORAGE_ROOT") or os.path.abspath(".kosmos/storage")
+    base = root.rstrip("/") + "/datasets/samples"
+    return DataConfig(captions=f"{base}/captions", compositional=f"{base}/compositional", editing=f"{base}/editing")
+
+
+def _tiny(stage: int) -> StageConfig:
+    lr = {1: 2e-3, 2: 3e-3, 3: 1e-3}[stage]
+    steps = {1: 30, 2: 40, 3: 30}[stage]
+    return StageConfig(
+        stage=stage, name=f"{PIPELINES[stage]}-tiny", model=model_preset("tiny"), data=_sample_data(),
+        optim=OptimConfig(lr=lr, warmup_steps=3),
+        train=TrainConfig(steps=steps, batch_size=4, num_workers=2, use_gpu=False, checkpoint_every=10,
+                          log_every=5, max_failures=2),
+    )
+
+
+def _paper(stage: int) -> StageConfig:
+    """Appendix A. Per-worker batch sizes assume 64 GPUs as in the released scripts:
+    stage 1 ≈ 1.2M tokens (64 × 9 × 2,048), stage 2 3,584 sentences (64 × 56),
+    stage 3 1,024 images (64 × 16)."""
+    lr = {1: 2e-4, 2: 1e-3, 3: 1e-3}[stage]
+    steps = {1: 300_000, 2: 300_000, 3: 200_000}[stage]
+    batch = {1: 9, 2: 56, 3: 16}[stage]
+    return StageConfig(
+        stage=stage, name=PIPELINES[stage], model=model_preset("paper"), data=_sample_data(),
+        optim=OptimConfig(lr=lr, warmup_steps=375),
+        train=TrainConfig(steps=steps, batch_size=batch, num_workers=64, checkpoint_every=1000),
+    )
+
+
+def stage_presets(stage: int) -> Presets[StageConfig]:
+    presets: Presets[StageConfig] = Presets(StageConfig)
+    presets.register("tiny", lambda: _tiny(stage))
+    presets.register("paper", lambda: _paper(stage))
+    return presets
