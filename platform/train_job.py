@@ -85,7 +85,8 @@ def fit(cfg: StageConfig, init_uri: str | None, run_id: str):
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "init_uri": init_uri, "run_id": run_id,
                            "fault_marker": fault_marker, "collate": collate_fn(cfg.stage, model_cfg)},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=_use_gpu(cfg)),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=_use_gpu(cfg),
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(
             name=cfg.name, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
@@ -140,7 +141,14 @@ def run_stage(cfg: StageConfig) -> StageResult:
     tracking.RunLogger(run_id).log_metrics({"wall_clock_s": time.monotonic() - started}, cfg.train.steps)
     tracking.end_run(run_id)
     print(f"[{cfg.pipeline}] done: registered {registered}; run {run_id}", flush=True)
-    return StageResult(run_id, result.checkpoint.path, registered, dict(result.metrics or {}))
+    return StageResult(run_id, checkpoint_uri(cfg, result.checkpoint), registered, dict(result.metrics or {}))
+
+
+def checkpoint_uri(cfg: StageConfig, checkpoint) -> str:
+    """Ray reports paths relative to the filesystem it was given; make it a URI again."""
+    if storage.parse(cfg.resolved_storage_path()).scheme == "s3":
+        return f"s3://{checkpoint.path.lstrip('/')}"
+    return checkpoint.path
 
 
 def main(stage: int, argv: list[str] | None = None) -> int:

@@ -201,6 +201,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
+    if not on_gpu:
+        # One intra-op thread per reserved core: workers share the machine.
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
 
     model = build_model(cfg, loop_config.get("init_uri"), device)
     engine = make_engine(model, cfg, on_gpu)

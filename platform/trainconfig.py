@@ -37,6 +37,9 @@ class TrainConfig:
     batch_size: int = 16  # per worker; global batch = batch_size * num_workers
     num_workers: int = 64
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    # CPUs reserved per training worker; below 1 leaves room for Ray Data's
+    # readers on small machines (2 workers × 0.5 on a 2-core laptop).
+    cpus_per_worker: float = 1.0
     zero_stage: int = 2
     precision: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; or "fp32" / "bf16"
     checkpoint_every: int = 1000
@@ -111,7 +114,8 @@ def _tiny(stage: int) -> StageConfig:
     return StageConfig(
         stage=stage, name=f"{PIPELINES[stage]}-tiny", model=model_preset("tiny"), data=_sample_data(),
         optim=OptimConfig(lr=lr, warmup_steps=3),
-        train=TrainConfig(steps=steps, batch_size=4, num_workers=2, use_gpu=False, checkpoint_every=10,
+        train=TrainConfig(steps=steps, batch_size=4, num_workers=2, use_gpu=False, cpus_per_worker=0.5,
+                          checkpoint_every=10,
                           log_every=5, max_failures=2),
     )
 
