@@ -77,6 +77,10 @@ def fit(cfg: StageConfig, init_uri: str | None, run_id: str):
 
     from kosmos_g.platform.datastream import collate_fn, training_dataset
 
+    import ray.data
+
+    # Progress bars would flood the job log; the loop prints its own progress.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     model_cfg = model_config_for(cfg, init_uri)
     dataset = training_dataset(cfg.stage, cfg.data, model_cfg)
     storage_path, filesystem = _storage(cfg)
@@ -134,7 +138,10 @@ def run_stage(cfg: StageConfig) -> StageResult:
         result = fit(cfg, init_uri, run_id)
         if result.error:
             raise result.error
+        trained = time.monotonic()
         registered = publish(cfg, run_id, result.checkpoint)
+        print(f"[{cfg.pipeline}] trained in {trained - started:.0f}s, published in {time.monotonic() - trained:.0f}s",
+              flush=True)
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise

@@ -108,6 +108,22 @@ def forward_backward(engine, batch: dict[str, Any], cfg: StageConfig) -> dict[st
     return {name: float(value.detach()) for name, value in outputs.items()}
 
 
+@torch.no_grad()
+def eval_loss(model, batch: dict[str, Any], cfg: StageConfig, repeats: int = 4) -> float:
+    """The stage loss on one fixed batch with fixed noise and timesteps: a
+    training-progress signal free of the sampling noise of the step loss."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=batch["input_ids"].device).manual_seed(cfg.train.seed)
+    total = 0.0
+    for _ in range(repeats):
+        outputs = model({k: batch[k] for k in MODEL_KEYS}, captions=batch.get("captions"),
+                        target_pixels=batch.get("target_pixels"), generator=generator, cond_dropout=0.0)
+        total += float(outputs["loss"])
+    model.train(was_training)
+    return total / repeats
+
+
 def optimizer_step(engine) -> None:
     engine.step()  # clips, steps the optimiser and the LR schedule, zeroes grads
 
@@ -215,11 +231,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     stream = batches(shard, cfg, loop_config["collate"])
     meter = Throughput()
     window: list[float] = []
+    eval_batch = None
     while step < cfg.train.steps:
         maybe_inject_failure(cfg, step, rank, loop_config["fault_marker"])
         waited = time.perf_counter()
         batch = to_device(next(stream), device)
         waited = time.perf_counter() - waited
+        if eval_batch is None and rank == 0:
+            eval_batch = batch
+            logger.log_metrics({"eval_loss": eval_loss(engine.module, eval_batch, cfg)}, step)
         losses = forward_backward(engine, batch, cfg)
         if not math.isfinite(losses["loss"]):
             raise FloatingPointError(f"loss became {losses['loss']} at step {step}")
@@ -230,6 +250,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         logger.log_metrics({**losses, "lr": engine.get_lr()[0]}, step)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             rates = meter.metrics(world_size)
+            if rank == 0:
+                rates["eval_loss"] = eval_loss(engine.module, eval_batch, cfg)
             logger.log_metrics(rates, step)
             if rank == 0:
                 print(f"[{cfg.pipeline}] step {step}/{cfg.train.steps} loss {sum(window) / len(window):.4f} "

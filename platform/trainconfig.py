@@ -38,7 +38,7 @@ class TrainConfig:
     num_workers: int = 64
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     # CPUs reserved per training worker; below 1 leaves room for Ray Data's
-    # readers on small machines (2 workers × 0.5 on a 2-core laptop).
+    # readers on small machines (its file listing alone asks for a whole CPU).
     cpus_per_worker: float = 1.0
     zero_stage: int = 2
     precision: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; or "fp32" / "bf16"
@@ -108,13 +108,23 @@ def _sample_data() -> DataConfig:
     return DataConfig(captions=f"{base}/captions", compositional=f"{base}/compositional", editing=f"{base}/editing")
 
 
+def _tiny_data() -> DataConfig:
+    # Training workers and preprocessing share one core; Ray Data's reads get the other.
+    data = _sample_data()
+    data.num_cpus, data.workers = 0.25, 1
+    # The sample set is a few dozen records; a longer epoch (records repeated to
+    # their blend share) saves re-running the read pipeline every couple of steps.
+    data.samples_per_epoch = 512
+    return data
+
+
 def _tiny(stage: int) -> StageConfig:
     lr = {1: 2e-3, 2: 3e-3, 3: 1e-3}[stage]
     steps = {1: 30, 2: 40, 3: 30}[stage]
     return StageConfig(
-        stage=stage, name=f"{PIPELINES[stage]}-tiny", model=model_preset("tiny"), data=_sample_data(),
+        stage=stage, name=f"{PIPELINES[stage]}-tiny", model=model_preset("tiny"), data=_tiny_data(),
         optim=OptimConfig(lr=lr, warmup_steps=3),
-        train=TrainConfig(steps=steps, batch_size=4, num_workers=2, use_gpu=False, cpus_per_worker=0.5,
+        train=TrainConfig(steps=steps, batch_size=4, num_workers=2, use_gpu=False, cpus_per_worker=0.25,
                           checkpoint_every=10,
                           log_every=5, max_failures=2),
     )

@@ -65,11 +65,13 @@ def test_align_mse_drops_clearly(chain):
 
 
 def test_instruct_loss_below_start_and_registers_servable_model(chain):
-    first, last = _window_means(chain[3].run_id, "loss")
-    assert last < first
+    # Fixed-batch, fixed-noise loss: the per-step loss is dominated by the random timestep.
+    history = sorted(tracking.client().get_metric_history(chain[3].run_id, "eval_loss"), key=lambda m: m.step)
+    assert history[0].step == 0 and history[-1].step == 20
+    assert history[-1].value < history[0].value, [(m.step, m.value) for m in history]
     assert chain[3].registered.startswith("kosmos-g/")
     metrics = tracking.client().get_run(chain[3].run_id).data.metrics
-    for key in ("samples_per_s", "tokens_per_s", "lr", "data_wait_fraction"):
+    for key in ("samples_per_s", "tokens_per_s", "lr", "data_wait_fraction", "loss"):
         assert key in metrics
     artifacts = [a.path for a in tracking.client().list_artifacts(chain[3].run_id, "samples")]
     assert artifacts == ["samples/grid.png"]

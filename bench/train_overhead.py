@@ -1,0 +1,123 @@
+"""Training-loop overhead: Ray Train + DeepSpeed workers against a plain
+single-process PyTorch loop, on the same tiny model and the same data stream,
+measured in one run.
+
+    .venv/bin/python bench/train_overhead.py [--steps 40] [--stage 3]
+
+Prints steps/s of each (steady state, after the first logged window), their
+ratio, the wall-clock time including start-up, and the fraction of step time
+the Ray Train workers spent waiting for data. Runs self-contained: MLflow goes
+to a temporary sqlite store and data/checkpoints to a temporary directory unless
+the environment points elsewhere (e.g. `eval "$(kosmos-g local env)"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import uuid
+
+
+def prepare_environment(workdir: str) -> None:
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{workdir}/mlflow.db")
+    os.environ.setdefault("KOSMOS_STORAGE_ROOT", f"{workdir}/storage")
+
+
+def stage_config(stage: int, steps: int, workers: int):
+    from kosmos_g.platform.samples import write_sample_shards
+    from kosmos_g.platform.trainconfig import stage_presets
+
+    prefixes = write_sample_shards(os.environ["KOSMOS_STORAGE_ROOT"].rstrip("/") + "/bench-samples")
+    cfg = stage_presets(stage).get("tiny", [
+        f"train.steps={steps}", f"train.num_workers={workers}", "train.log_every=10",
+        f"train.checkpoint_every={steps}", "init=random", "register=false", "sample_grid=false",
+        f"name=bench-{uuid.uuid4().hex[:6]}",
+    ])
+    cfg.data.captions, cfg.data.compositional, cfg.data.editing = (
+        prefixes["captions"], prefixes["compositional"], prefixes["editing"])
+    return cfg
+
+
+def plain_loop(cfg) -> dict[str, float]:
+    """One process, torch.optim.AdamW, batches from the same Ray Data stream."""
+    import torch
+
+    from kosmos_g.models.kosmos_g import KosmosG
+    from kosmos_g.platform.datastream import collate_fn, training_dataset
+    from kosmos_g.platform.train_loop import MODEL_KEYS, lr_lambda
+
+    torch.manual_seed(cfg.train.seed)
+    model = KosmosG.from_config(cfg.model)
+    model.set_stage(cfg.stage)
+    model.train()
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
+    dataset = training_dataset(cfg.stage, cfg.data, cfg.model)
+    batches = iter(dataset.iter_torch_batches(batch_size=cfg.train.batch_size * cfg.train.num_workers,
+                                              collate_fn=collate_fn(cfg.stage, cfg.model), drop_last=True))
+    started = time.perf_counter()
+    steady_from, waited = None, 0.0
+    for step in range(cfg.train.steps):
+        fetch = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - fetch
+        outputs = model({k: batch[k] for k in MODEL_KEYS}, captions=batch.get("captions"),
+                        target_pixels=batch.get("target_pixels"), cond_dropout=cfg.train.cond_dropout)
+        outputs["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step + 1 == cfg.train.log_every:
+            steady_from = (time.perf_counter(), step + 1)
+    ended = time.perf_counter()
+    steady_steps = cfg.train.steps - steady_from[1]
+    return {"steps_per_s": steady_steps / (ended - steady_from[0]), "wall_s": ended - started,
+            "data_wait_fraction": waited / (ended - started)}
+
+
+def ray_train_loop(cfg) -> dict[str, float]:
+    from kosmos_g.platform import tracking
+    from kosmos_g.platform.train_job import run_stage
+
+    started = time.perf_counter()
+    result = run_stage(cfg)
+    wall = time.perf_counter() - started
+    history = tracking.client().get_metric_history(result.run_id, "samples_per_s")
+    waits = tracking.client().get_metric_history(result.run_id, "data_wait_fraction")
+    steady = [m.value for m in history if m.step > cfg.train.log_every]
+    samples_per_step = cfg.train.batch_size * cfg.train.num_workers
+    return {"steps_per_s": sum(steady) / len(steady) / samples_per_step, "wall_s": wall,
+            "data_wait_fraction": sum(m.value for m in waits) / len(waits)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", type=int, default=3, choices=[1, 2, 3])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="kosmos-bench-") as workdir:
+        prepare_environment(workdir)
+        from kosmos_g.platform import cluster
+
+        cluster.connect()
+        cfg = stage_config(args.stage, args.steps, args.workers)
+        plain = plain_loop(cfg)
+        ray_train = ray_train_loop(cfg)
+    global_batch = cfg.train.batch_size * cfg.train.num_workers
+    print(f"stage {args.stage}, tiny model, {args.steps} steps, global batch {global_batch}, "
+          f"{args.workers} Ray Train workers × {cfg.train.cpus_per_worker} CPU, {os.cpu_count()} cores")
+    print(f"plain PyTorch loop (1 process):  {plain['steps_per_s']:.2f} steps/s steady, "
+          f"{plain['wall_s']:.1f} s wall, data wait {plain['data_wait_fraction']:.0%}")
+    print(f"Ray Train + DeepSpeed:           {ray_train['steps_per_s']:.2f} steps/s steady, "
+          f"{ray_train['wall_s']:.1f} s wall incl. start-up, data wait {ray_train['data_wait_fraction']:.0%}")
+    print(f"ratio Ray Train / plain steps/s: {ray_train['steps_per_s'] / plain['steps_per_s']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

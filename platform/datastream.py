@@ -1,0 +1,201 @@
+"""The training stream of each stage, built with Ray Data from shard prefixes.
+
+    ds = training_dataset(3, DataConfig(captions=..., compositional=..., editing=...), model_cfg)
+    for batch in ds.iter_torch_batches(batch_size=8, collate_fn=collate_fn(3, model_cfg)):
+        loss = model.diffusion_loss(batch, ...)
+
+Plan: read each source's shards (only the columns the stage needs) -> resample it to
+its share of the epoch (the blend weights) -> union -> shuffle with the seed ->
+`Preprocessor` actors (decode, augment, tokenise, resize; corrupt records skipped and
+counted) -> rows that `collate_fn` pads into model batches.
+
+Stages:
+1. multimodal LM: caption text alone or `<image> caption` (captions source, chosen
+   with `stage1_text_only_p`) and compositional captions with entity images after
+   their words; sources blended by `weights`.
+2. alignment: captions only; the batch carries `captions` for the CLIP text teacher.
+3. instruction tuning: compositional : editing : captions blended by `weights`
+   (2:2:1 as in the paper) with the augmentations, plus `target_pixels`.
+Classifier-free-guidance condition dropout is not done here: the model replaces 10% of
+conditions itself (`KosmosG.diffusion_loss(..., cond_dropout=0.1)`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+
+from kosmos_g.models.config import ModelConfig
+from kosmos_g.platform import shards, skips, storage
+from kosmos_g.platform.examples import Preprocessor, StreamCollator, key_hash
+
+# Order of DataConfig.weights.
+SOURCE_ORDER = ("compositional", "editing", "captions")
+STAGE_SOURCES = {1: ("compositional", "captions"), 2: ("captions",), 3: SOURCE_ORDER}
+# Columns each stage reads per source; Parquet never fetches the others.
+STAGE_COLUMNS = {
+    1: {"captions": ["key", "caption", "image"], "compositional": ["key", "caption", "entities"]},
+    2: {"captions": ["key", "caption"]},
+    3: {"captions": ["key", "caption", "image"], "compositional": ["key", "caption", "image", "entities"],
+        "editing": ["key", "input_caption", "input_image", "instruction", "edited_image"]},
+}
+# The one schema every resampled source is brought to, so the union is a single table type.
+BLEND_SCHEMA = pa.schema(
+    [("source", pa.string()), ("draw", pa.int32())]
+    + [field for field in shards.SCHEMAS["compositional"] if field.name not in ("width", "height")]
+    + [field for field in shards.SCHEMAS["editing"] if field.name not in ("key", "edited_caption")]
+)
+
+
+@dataclass
+class DataConfig:
+    """What a training job streams. Shard prefixes of None leave a source out."""
+
+    captions: str | None = None
+    compositional: str | None = None
+    editing: str | None = None
+    # Relative weights of (compositional, editing, captions): the paper's stage-3 blend.
+    weights: tuple[float, ...] = (2.0, 2.0, 1.0)
+    seed: int = 0
+    # Examples per pass over the dataset; 0 = just enough that every record of every
+    # used source is drawn at least once (smaller sources are repeated to their share).
+    samples_per_epoch: int = 0
+    drop_entity_text_p: float = 0.5  # stage 3: the entity's words go, its image stays
+    keep_background_p: float = 0.5  # compositional: crop with background vs. background removed
+    drop_input_caption_p: float = 0.5  # stage 3 editing: drop the input image's caption
+    stage1_text_only_p: float = 0.5  # stage 1 captions: text alone vs. "<image> caption"
+    max_entity_images: int = 10  # entity images per compositional example (later ones stay text)
+    min_image_side: int = 0  # stage 3: skip targets whose short side is smaller (paper: 384)
+    fast_decode: bool = True  # decode JPEGs at a reduced scale when the output is smaller
+    shuffle: str = "global"  # "global" (random_shuffle), "blocks" (block order only) or "none"
+    preserve_order: bool = True  # deterministic order when iterated by one consumer
+    batch_size: int = 32  # records per preprocessing call
+    workers: int = 2  # most preprocessing actors
+    num_cpus: float = 1.0  # CPUs per read task and per preprocessing actor
+    skip_counter: str = "kosmos-g-datastream"  # name of the skip-count actor
+
+
+def stage_sources(stage: int, data: DataConfig) -> list[tuple[str, str, float]]:
+    """(source, prefix, weight) of the sources a stage streams, in SOURCE_ORDER."""
+    if stage not in STAGE_SOURCES:
+        raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
+    if len(data.weights) != len(SOURCE_ORDER):
+        raise ValueError(f"weights must have {len(SOURCE_ORDER)} entries {SOURCE_ORDER}, got {data.weights}")
+    weights = dict(zip(SOURCE_ORDER, data.weights))
+    chosen = [(name, getattr(data, name), float(weights[name])) for name in STAGE_SOURCES[stage]
+              if getattr(data, name) and weights[name] > 0]
+    if not chosen:
+        wanted = " or ".join(STAGE_SOURCES[stage])
+        raise ValueError(f"stage {stage} needs shards for {wanted} (with a weight > 0)")
+    return chosen
+
+
+def epoch_plan(counts: dict[str, int], weights: dict[str, float], samples_per_epoch: int) -> dict[str, int]:
+    """Examples drawn from each source in one epoch: proportional to the weights."""
+    total_weight = sum(weights.values())
+    shares = {name: weights[name] / total_weight for name in counts}
+    empty = [name for name, count in counts.items() if count == 0]
+    if empty:
+        raise ValueError(f"shard sets without rows: {', '.join(empty)}")
+    total = samples_per_epoch or max(math.ceil(counts[n] / shares[n]) for n in counts)
+    return {name: int(round(total * shares[name])) for name in counts}
+
+
+def resample(table: pa.Table, source: str, count: int, target: int, seed: int) -> pa.Table:
+    """Ray Data UDF: repeat each record to reach `target` draws from `count` records.
+
+    Every record is drawn `target // count` times, and once more when a hash of
+    (seed, source, key) falls under the remainder fraction: deterministic and
+    independent of how the shards are split into blocks."""
+    base, remainder = divmod(target, count)
+    fraction = remainder / count
+    keys = table.column("key").to_pylist()
+    extra = np.array([key_hash(seed, source, key) / 2.0**64 < fraction for key in keys], dtype=np.int64)
+    repeats = base + extra
+    index = np.repeat(np.arange(len(keys)), repeats)
+    draws = np.concatenate([np.arange(r) for r in repeats]) if len(keys) else np.zeros(0, np.int64)
+    taken = table.take(pa.array(index, type=pa.int64()))
+    columns = {}
+    for field in BLEND_SCHEMA:
+        if field.name == "source":
+            columns["source"] = pa.array([source] * len(index), pa.string())
+        elif field.name == "draw":
+            columns["draw"] = pa.array(draws.astype(np.int32), pa.int32())
+        elif field.name in taken.column_names:
+            columns[field.name] = taken.column(field.name).cast(field.type)
+        else:
+            columns[field.name] = pa.nulls(len(index), field.type)
+    return pa.table(columns, schema=BLEND_SCHEMA)
+
+
+def _read_source(name: str, prefix: str, stage: int, data: DataConfig):
+    import ray
+
+    manifest = shards.read_manifest(prefix)
+    if manifest.source != name:
+        raise shards.ShardError(f"{prefix} holds {manifest.source!r} shards, expected {name!r}")
+    uris = manifest.shard_uris(prefix)
+    filesystem, _ = storage.pyarrow_filesystem(prefix)
+    paths = [storage.pyarrow_filesystem(uri)[1] for uri in uris]
+    ds = ray.data.read_parquet(paths, filesystem=filesystem, columns=STAGE_COLUMNS[stage][name],
+                               num_cpus=data.num_cpus)
+    return ds, manifest.count
+
+
+def blended_records(stage: int, data: DataConfig):
+    """The resampled, shuffled shard records of a stage (before preprocessing): one row
+    per example with `source`, `key`, `draw` and the raw record columns."""
+    sources = stage_sources(stage, data)
+    read = {name: _read_source(name, prefix, stage, data) for name, prefix, _ in sources}
+    plan = epoch_plan({name: count for name, (_, count) in read.items()},
+                      {name: weight for name, _, weight in sources}, data.samples_per_epoch)
+    parts = []
+    for name, (ds, count) in read.items():
+        parts.append(ds.map_batches(resample, fn_args=(name, count, plan[name], data.seed),
+                                    batch_format="pyarrow", batch_size=None, num_cpus=data.num_cpus))
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    if data.shuffle == "global":
+        ds = ds.random_shuffle(seed=data.seed)
+    elif data.shuffle == "blocks":
+        ds = ds.randomize_block_order(seed=data.seed)
+    elif data.shuffle != "none":
+        raise ValueError(f"shuffle must be 'global', 'blocks' or 'none', got {data.shuffle!r}")
+    ds.context.execution_options.preserve_order = data.preserve_order
+    return ds
+
+
+def _pool(data: DataConfig):
+    from ray.data import ActorPoolStrategy
+
+    return ActorPoolStrategy(min_size=1, max_size=max(1, data.workers))
+
+
+def training_dataset(stage: int, data: DataConfig, model: ModelConfig):
+    """A `ray.data.Dataset` of preprocessed examples for `stage`; batch it with
+    `iter_torch_batches(collate_fn=collate_fn(stage, model))`. Skipped records are
+    counted under `data.skip_counter` (see `skip_counts`)."""
+    skips.ensure_counter(data.skip_counter)
+    ds = blended_records(stage, data)
+    return ds.map_batches(
+        Preprocessor, fn_constructor_kwargs={"stage": stage, "data": data, "model": model},
+        batch_format="pyarrow", batch_size=data.batch_size, num_cpus=data.num_cpus, compute=_pool(data),
+    )
+
+
+def collate_fn(stage: int, model: ModelConfig) -> Callable[[dict[str, np.ndarray]], dict[str, Any]]:
+    """Pads example rows into the model batch dict (models/prompt.py) plus `captions`
+    (stage 2) and `target_pixels` (stage 3)."""
+    return StreamCollator(stage, model)
+
+
+def skip_counts(data: DataConfig | str) -> dict[str, int]:
+    """{reason: records skipped} so far by streams using this config's counter."""
+    return skips.skip_counts(data if isinstance(data, str) else data.skip_counter)
+
+
+def reset_skip_counts(data: DataConfig | str) -> None:
+    skips.reset_skip_counts(data if isinstance(data, str) else data.skip_counter)

@@ -1,0 +1,253 @@
+"""Shard rows -> training examples (per stage), and examples -> model batches.
+
+`Preprocessor` runs inside Ray Data (`map_batches` with an actor pool): it decodes the
+images, applies the stage-3 augmentations, tokenises into the interleaved format and
+resizes every image to its final size. Pixels travel as uint8 (a quarter of float32 in
+the object store); `StreamCollator` turns them into the exact tensors of
+`models.images.clip_preprocess` / `vae_preprocess` when it pads the batch.
+
+Every random choice comes from a generator seeded by (seed, stage, source, key, draw),
+so an example is the same whichever worker builds it and in whatever order.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from kosmos_g.models.config import ModelConfig
+from kosmos_g.models.images import CLIP_MEAN, CLIP_STD, resize_center_crop
+from kosmos_g.models.prompt import InterleavedTokenizer
+from kosmos_g.platform import imaging
+from kosmos_g.platform.skips import SkipRecord, SkipRecorder
+
+SOURCE_IDS = {"compositional": 0, "editing": 1, "captions": 2}
+
+OUTPUT_SCHEMA = pa.schema([
+    ("source", pa.string()),
+    ("key", pa.string()),
+    ("draw", pa.int32()),
+    ("input_ids", pa.list_(pa.int32())),
+    ("image_mask", pa.list_(pa.bool_())),
+    ("loss_mask", pa.list_(pa.bool_())),
+    ("n_images", pa.int32()),
+    ("clip_pixels", pa.binary()),  # uint8 (n_images, 3, S, S), S = mllm.vision.image_size
+    ("caption", pa.string()),
+    ("target_pixels", pa.binary()),  # uint8 (3, H, H), H = image_decoder.image_size; stage 3
+    # What the augmentations did (for monitoring and the probability tests).
+    ("n_entities", pa.int32()),
+    ("n_entity_text_dropped", pa.int32()),
+    ("n_background_kept", pa.int32()),
+    ("input_caption_dropped", pa.bool_()),
+])
+
+
+def key_hash(*parts: Any) -> int:
+    """64-bit hash of the parts, stable across processes (unlike Python's hash())."""
+    digest = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def example_rng(seed: int, stage: int, source: str, key: str, draw: int) -> np.random.Generator:
+    h = key_hash(key)
+    return np.random.default_rng([seed & 0xFFFFFFFF, stage, SOURCE_IDS[source], h & 0xFFFFFFFF, h >> 32, draw])
+
+
+class _LayoutTokenizer(InterleavedTokenizer):
+    """Token layout only: images become slots; their pixels are prepared separately as
+    uint8 here, so the float conversion in `encode` is skipped."""
+
+    _PLACEHOLDER = np.zeros((1,), np.float32)
+
+    def preprocess_image(self, image: Any) -> np.ndarray:
+        return self._PLACEHOLDER
+
+
+def _text(row: dict, name: str) -> str:
+    value = row.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise SkipRecord("missing_field", name)
+    return value
+
+
+class Preprocessor:
+    """Ray Data UDF: blended shard rows (pyarrow) -> example rows (OUTPUT_SCHEMA)."""
+
+    def __init__(self, stage: int, data: Any, model: ModelConfig):
+        if stage not in (1, 2, 3):
+            raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
+        self.stage, self.data, self.model = stage, data, model
+        self.tokenizer = _LayoutTokenizer.from_model_config(model)
+        self.clip_size = model.mllm.vision.image_size
+        self.vae_size = model.image_decoder.image_size
+        self.skips = SkipRecorder(data.skip_counter)
+
+    # ---------------------------------------------------------------- images
+
+    def _decode(self, data: bytes | None, size: int) -> Any:
+        if data is None:
+            raise SkipRecord("missing_field", "image")
+        try:
+            return imaging.decode_image(data, min_side=size if self.data.fast_decode else None)
+        except imaging.ImageDecodeError as error:
+            raise SkipRecord("decode_error", str(error)) from error
+
+    def _clip_image(self, data: bytes | None):
+        return self._decode(data, self.clip_size)
+
+    def _target(self, data: bytes | None) -> bytes:
+        image = self._decode(data, max(self.vae_size, self.data.min_image_side))
+        if min(image.size) < self.data.min_image_side:
+            raise SkipRecord("too_small", f"{image.size}")
+        return np.asarray(resize_center_crop(image, self.vae_size)).transpose(2, 0, 1).tobytes()
+
+    # -------------------------------------------------------------- segments
+
+    def _compositional(self, row: dict, rng: np.random.Generator, drop_p: float, info: dict) -> list:
+        caption = _text(row, "caption")
+        entities = []
+        for entity in sorted(row.get("entities") or [], key=lambda e: e["start"]):
+            start, end = int(entity["start"]), int(entity["end"])
+            if caption[start:end] != entity["text"]:  # spans from another tool: fall back to search
+                start = caption.find(entity["text"])
+                end = start + len(entity["text"])
+            if start >= 0 and entity["text"]:
+                entities.append((start, end, entity))
+        if not entities:
+            raise SkipRecord("no_entities")
+        segments: list = []
+        position = 0
+        for start, end, entity in entities[: self.data.max_entity_images]:
+            # Both draws happen for every entity so later choices never shift.
+            drop_text = rng.random() < drop_p
+            keep_background = rng.random() < self.data.keep_background_p
+            if start < position:
+                continue  # overlaps the previous entity
+            crop = entity["crop"] if keep_background or entity.get("crop_nobg") is None else entity["crop_nobg"]
+            segments.append(caption[position:start] + ("" if drop_text else caption[start:end]))
+            segments.append(self._clip_image(crop))
+            info["n_entities"] += 1
+            info["n_entity_text_dropped"] += int(drop_text)
+            info["n_background_kept"] += int(keep_background)
+            position = end
+        segments.append(caption[position:])
+        return segments
+
+    def _segments(self, source: str, row: dict, rng: np.random.Generator, info: dict) -> tuple[list, bytes | None, str]:
+        """(prompt segments, target pixels or None, caption text) for one record."""
+        stage, data = self.stage, self.data
+        if stage == 2:
+            caption = _text(row, "caption")
+            return [caption], None, caption
+        if source == "captions":
+            caption = _text(row, "caption")
+            if stage == 1:
+                if rng.random() < data.stage1_text_only_p:
+                    return [caption], None, caption
+                return [self._clip_image(row.get("image")), caption], None, caption
+            return [caption], self._target(row.get("image")), caption
+        if source == "compositional":
+            drop_p = data.drop_entity_text_p if stage == 3 else 0.0
+            segments = self._compositional(row, rng, drop_p, info)
+            target = self._target(row.get("image")) if stage == 3 else None
+            return segments, target, row["caption"]
+        # editing (stage 3 only): "<s> caption <image> input </image> instruction </s>"
+        instruction = _text(row, "instruction")
+        caption = row.get("input_caption") or ""
+        info["input_caption_dropped"] = bool(rng.random() < data.drop_input_caption_p) or not caption.strip()
+        segments = ([] if info["input_caption_dropped"] else [caption])
+        segments += [self._clip_image(row.get("input_image")), instruction]
+        return segments, self._target(row.get("edited_image")), caption
+
+    # ------------------------------------------------------------------ rows
+
+    def example(self, row: dict) -> dict:
+        source, key, draw = row["source"], row["key"], int(row["draw"])
+        rng = example_rng(self.data.seed, self.stage, source, key, draw)
+        info = {"n_entities": 0, "n_entity_text_dropped": 0, "n_background_kept": 0, "input_caption_dropped": False}
+        segments, target, caption = self._segments(source, row, rng, info)
+        encoded = self.tokenizer.encode(segments)
+        n_images = int(encoded["image_mask"].sum()) // self.tokenizer.image_tokens
+        images = [s for s in segments if not isinstance(s, str)][:n_images]
+        pixels = b"".join(np.asarray(resize_center_crop(image, self.clip_size)).transpose(2, 0, 1).tobytes()
+                          for image in images)
+        return {
+            "source": source, "key": key, "draw": draw,
+            "input_ids": encoded["input_ids"].astype(np.int32), "image_mask": encoded["image_mask"],
+            "loss_mask": encoded["loss_mask"], "n_images": n_images, "clip_pixels": pixels,
+            "caption": caption, "target_pixels": target, **info,
+        }
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        examples, skipped = [], {}
+        for row in table.to_pylist():
+            try:
+                examples.append(self.example(row))
+            except SkipRecord as skip:
+                skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
+        self.skips.record(skipped)
+        columns = {name: [e[name] for e in examples] for name in OUTPUT_SCHEMA.names}
+        return pa.table({name: pa.array(values, type=OUTPUT_SCHEMA.field(name).type)
+                         for name, values in columns.items()}, schema=OUTPUT_SCHEMA)
+
+
+# ---------------------------------------------------------------- collation
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(sentencepiece_path: str | None, max_length: int, image_tokens: int, image_size: int) -> InterleavedTokenizer:
+    from kosmos_g.models.config import TokenizerConfig
+
+    return InterleavedTokenizer(TokenizerConfig(sentencepiece_path, max_length), image_tokens, image_size)
+
+
+class StreamCollator(NumpyBatchCollateFn):
+    """`collate_fn` for `iter_torch_batches`: a numpy batch of example rows -> the model
+    batch dict (input_ids, attention_mask, image_mask, loss_mask, pixel_values), plus
+    `captions` (stage 2) and `target_pixels` (stage 3, (B, 3, H, H) in [-1, 1])."""
+
+    def __init__(self, stage: int, model: ModelConfig):
+        self.stage = stage
+        self.model = model
+        self.clip_size = model.mllm.vision.image_size
+        self.vae_size = model.image_decoder.image_size
+        self.mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+    def tokenizer(self) -> InterleavedTokenizer:
+        cfg = self.model
+        return _tokenizer(cfg.tokenizer.sentencepiece_path, cfg.tokenizer.max_length,
+                          cfg.mllm.image_tokens, cfg.mllm.vision.image_size)
+
+    def _clip(self, raw: bytes | None, count: int) -> torch.Tensor:
+        size = self.clip_size
+        if not count:
+            return torch.zeros(0, 3, size, size)
+        array = np.frombuffer(raw, dtype=np.uint8).reshape(count, 3, size, size)
+        # Same operations, in the same order, as models.images.clip_preprocess.
+        return (torch.from_numpy(array.copy()).float() / 255.0 - self.mean) / self.std
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        examples = []
+        for i in range(len(batch["input_ids"])):
+            examples.append({
+                "input_ids": np.asarray(batch["input_ids"][i], dtype=np.int64),
+                "image_mask": np.asarray(batch["image_mask"][i], dtype=bool),
+                "loss_mask": np.asarray(batch["loss_mask"][i], dtype=bool),
+                "pixel_values": self._clip(batch["clip_pixels"][i], int(batch["n_images"][i])),
+            })
+        out = self.tokenizer().collate(examples)
+        if self.stage == 2:
+            out["captions"] = [str(caption) for caption in batch["caption"]]
+        if self.stage == 3:
+            size = self.vae_size
+            targets = np.stack([np.frombuffer(raw, dtype=np.uint8).reshape(3, size, size)
+                                for raw in batch["target_pixels"]])
+            out["target_pixels"] = torch.from_numpy(targets).float() / 255.0 * 2.0 - 1.0
+        return out
