@@ -82,6 +82,8 @@ def fit(cfg: StageConfig, init_uri: str | None, run_id: str):
     # Progress bars would flood the job log; the loop prints its own progress.
     ray.data.DataContext.get_current().enable_progress_bars = False
     model_cfg = model_config_for(cfg, init_uri)
+    # One skip counter per job, so concurrent jobs do not mix their counts.
+    cfg.data.skip_counter = f"skips-{cfg.name}"
     dataset = training_dataset(cfg.stage, cfg.data, model_cfg)
     storage_path, filesystem = _storage(cfg)
     fault_marker = storage.join(cfg.resolved_storage_path(), cfg.name, ".fault-injected")
@@ -117,6 +119,18 @@ def publish(cfg: StageConfig, run_id: str, checkpoint) -> str | None:
     return f"{cfg.registered_name}/{version}"
 
 
+def log_skip_counts(cfg: StageConfig, run_id: str) -> None:
+    """Records the stream skipped (corrupt image, missing field, …), as metrics."""
+    from kosmos_g.platform.datastream import skip_counts
+
+    counts = skip_counts(cfg.data)
+    tracking.RunLogger(run_id).log_metrics(
+        {"data_skipped_total": sum(counts.values()), **{f"data_skipped_{k}": v for k, v in counts.items()}},
+        cfg.train.steps)
+    if counts:
+        print(f"[{cfg.pipeline}] data records skipped: {counts}", flush=True)
+
+
 def log_sample_grid(run_id: str, bundle: Path) -> None:
     from kosmos_g.platform.sample_grid import sample_grid
 
@@ -139,6 +153,7 @@ def run_stage(cfg: StageConfig) -> StageResult:
         if result.error:
             raise result.error
         trained = time.monotonic()
+        log_skip_counts(cfg, run_id)
         registered = publish(cfg, run_id, result.checkpoint)
         print(f"[{cfg.pipeline}] trained in {trained - started:.0f}s, published in {time.monotonic() - trained:.0f}s",
               flush=True)
