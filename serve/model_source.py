@@ -9,9 +9,11 @@ every replica exactly like a registered model.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,21 +90,40 @@ def _demo(preset: str, seed: int) -> ResolvedModel:
 def build_demo_bundle(preset: str, seed: int, directory: str | os.PathLike | None = None) -> Path:
     """A servable bundle of a randomly initialised model preset (seeded: reproducible).
 
-    Written to a fresh directory under KOSMOS_CACHE_DIR (or the system temp dir): a demo
-    served this way runs on one machine; for a cluster, register a model instead."""
+    Without `directory` it lands under KOSMOS_CACHE_DIR (or the system temp dir) in a folder
+    named by its weights' hash: rebuilding the same demo reuses it, and a replica that
+    restarts later still finds it. A demo served this way runs on one machine; for a
+    cluster, register a model instead."""
     import torch
 
     from kosmos_g.models.checkpoint import save_servable
     from kosmos_g.models.config import model_preset
     from kosmos_g.models.kosmos_g import KosmosG
 
-    if directory is None:
-        root = Path(os.environ.get("KOSMOS_CACHE_DIR") or tempfile.gettempdir()) / "serve-demo"
-        root.mkdir(parents=True, exist_ok=True)
-        directory = tempfile.mkdtemp(prefix=f"{preset}-seed{seed}-", dir=root)
     torch.manual_seed(seed)
     model = KosmosG.from_config(model_preset(preset))
-    return save_servable(model, directory)
+    if directory is not None:
+        return save_servable(model, directory)
+    root = Path(os.environ.get("KOSMOS_CACHE_DIR") or tempfile.gettempdir()) / "serve-demo"
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    save_servable(model, staging)
+    digest = _tree_digest(staging)
+    target = root / f"{preset}-seed{seed}-{digest}"
+    try:
+        os.rename(staging, target)  # atomic; fails when an identical bundle is already there
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _tree_digest(directory: Path) -> str:
+    """Hash of every file (path and bytes) under `directory`."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(directory).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def local_model_dir(uri: str) -> Path:

@@ -204,3 +204,4 @@ def test_model_source_resolution(stack_env, registered_tiny, tmp_path):
         resolve(ModelSource(uri=f"models:/{registered_tiny}@nosuchalias"))
     demo = resolve(ModelSource(registered_name="kosmos-g-never-registered", fallback_preset="tiny"))
     assert demo.label == "preset:tiny" and (local_model_dir(demo.uri) / "config.json").is_file()
+    assert resolve(ModelSource(preset="tiny")).uri == demo.uri  # same seed: the same bundle, reused
