@@ -1,0 +1,66 @@
+"""`kosmos-g data samples|import-captions|import-edits`: shards in object storage.
+
+Shards land under `$KOSMOS_STORAGE_ROOT/datasets/…` by default (the local
+stack's bucket after `eval "$(kosmos-g local env)"`), where the `tiny` training
+presets look for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def default_root() -> str:
+    root = os.environ.get("KOSMOS_STORAGE_ROOT") or os.path.abspath(".kosmos/storage")
+    return root.rstrip("/") + "/datasets"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("data", help="write the sample shards or import data sets into shards")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    samples = actions.add_parser("samples", help="the bundled sample set (scikit-image photographs)")
+    samples.add_argument("--output", default=None, help="shard prefix (default: $KOSMOS_STORAGE_ROOT/datasets/samples)")
+    samples.set_defaults(func=run_samples)
+
+    captions = actions.add_parser("import-captions", help="an image-caption table (Parquet/TSV/JSONL) → caption shards")
+    captions.add_argument("table", help="table file or prefix; image paths are relative to it")
+    captions.add_argument("output", help="shard prefix, e.g. s3://kosmos-g/datasets/my-captions")
+    captions.add_argument("--image-column", default="image")
+    captions.add_argument("--caption-column", default="caption")
+    captions.set_defaults(func=run_import_captions)
+
+    edits = actions.add_parser("import-edits", help="an InstructPix2Pix-style folder or table → editing shards")
+    edits.add_argument("source")
+    edits.add_argument("output")
+    edits.set_defaults(func=run_import_edits)
+
+
+def run_samples(args: argparse.Namespace) -> int:
+    from kosmos_g.platform.samples import write_sample_shards
+
+    prefixes = write_sample_shards(args.output or f"{default_root()}/samples")
+    print(json.dumps(prefixes, indent=2))
+    return 0
+
+
+def run_import_captions(args: argparse.Namespace) -> int:
+    from kosmos_g.platform import cluster
+    from kosmos_g.platform.importers import import_captions
+
+    cluster.connect()
+    result = import_captions(args.table, args.output, image_column=args.image_column,
+                             caption_column=args.caption_column)
+    print(result)
+    return 0
+
+
+def run_import_edits(args: argparse.Namespace) -> int:
+    from kosmos_g.platform import cluster
+    from kosmos_g.platform.importers import import_instructpix2pix
+
+    cluster.connect()
+    print(import_instructpix2pix(args.source, args.output))
+    return 0
