@@ -34,7 +34,8 @@ class Ports:
     ray_gcs: int = 6379
     ray_dashboard: int = 8265
     ray_client: int = 10001
-    ray_agent: int = 52365
+    # Not Ray's default 52365, which any `ray.init()` on this machine also takes.
+    ray_agent: int = 52375
 
 
 @dataclass
@@ -197,12 +198,13 @@ class LocalStack:
     def _check_ports(self, name: str, state: dict) -> None:
         ports = state["ports"]
         if name == "seaweedfs":
-            wanted = {f"seaweed.{k}": v for k, v in ports["seaweed"].items()}
+            # Every SeaweedFS server port moves with `seaweed_base`, except the S3 one.
+            wanted = {("s3" if k == "s3" else f"seaweed_base+{k}"): v for k, v in ports["seaweed"].items()}
         elif name == "mlflow":
             wanted = {"mlflow": ports["mlflow"]}
         else:
             wanted = {k: ports[k] for k in ("ray_gcs", "ray_dashboard", "ray_client", "ray_agent")}
-        services.check_ports_free(wanted)
+        services.check_ports_free(wanted, setting_prefix="ports.")
 
     @staticmethod
     def _ensure_ray_token(path: Path) -> None:

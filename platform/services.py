@@ -46,13 +46,15 @@ def port_in_use(port: int, host: str = LOOPBACK) -> bool:
     return False
 
 
-def check_ports_free(ports: dict[str, int]) -> None:
+def check_ports_free(ports: dict[str, int], setting_prefix: str = "") -> None:
+    """Raise a ServiceError naming every taken port and the setting that moves it."""
     taken = {name: port for name, port in ports.items() if port_in_use(port)}
     if taken:
         listing = ", ".join(f"{name}={port}" for name, port in taken.items())
+        setting = next(iter(taken)).split("+")[0]  # "seaweed_base+filer" is moved by seaweed_base
         raise ServiceError(
             f"port(s) already in use by another program: {listing}. Stop that program or pick "
-            "other ports (e.g. `kosmos-g local up --set ports.s3=9100`)."
+            f"another port (`kosmos-g local up --set {setting_prefix}{setting}=PORT`)."
         )
 
 

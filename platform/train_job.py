@@ -53,6 +53,21 @@ def model_config_for(cfg: StageConfig, init_uri: str | None):
     return load_config(tracking.resolve_artifacts(init_uri))
 
 
+def ensure_sample_data(cfg: StageConfig) -> None:
+    """The tiny presets read the bundled sample set; write it on first use so a
+    fresh stack can run `pipelines/instruct.py --preset tiny` straight away."""
+    from kosmos_g.platform import shards
+    from kosmos_g.platform.samples import write_sample_shards
+    from kosmos_g.platform.trainconfig import sample_data_root
+
+    root = sample_data_root()
+    wanted = [getattr(cfg.data, source) for source in shards.SOURCES]
+    if any(prefix and prefix.startswith(root) and not storage.exists(storage.join(prefix, shards.MANIFEST))
+           for prefix in wanted):
+        print(f"[{cfg.pipeline}] writing the bundled sample shards to {root}", flush=True)
+        write_sample_shards(root)
+
+
 def _storage(cfg: StageConfig):
     """(storage_path, filesystem) for RunConfig; pyarrow needs the S3 endpoint passed explicitly."""
     path = cfg.resolved_storage_path()
@@ -81,6 +96,7 @@ def fit(cfg: StageConfig, init_uri: str | None, run_id: str):
 
     # Progress bars would flood the job log; the loop prints its own progress.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    ensure_sample_data(cfg)
     model_cfg = model_config_for(cfg, init_uri)
     # One skip counter per job, so concurrent jobs do not mix their counts.
     cfg.data.skip_counter = f"skips-{cfg.name}"

@@ -101,10 +101,14 @@ class StageConfig:
                 raise ConfigError(f"train.{key} must be at least 1")
 
 
-def _sample_data() -> DataConfig:
-    """The bundled sample shards (`kosmos-g data samples` writes them here)."""
+def sample_data_root() -> str:
+    """Where the bundled sample shards live (`kosmos-g data samples` writes them)."""
     root = os.environ.get("KOSMOS_STORAGE_ROOT") or os.path.abspath(".kosmos/storage")
-    base = root.rstrip("/") + "/datasets/samples"
+    return root.rstrip("/") + "/datasets/samples"
+
+
+def _sample_data() -> DataConfig:
+    base = sample_data_root()
     return DataConfig(captions=f"{base}/captions", compositional=f"{base}/compositional", editing=f"{base}/editing")
 
 
@@ -114,7 +118,7 @@ def _tiny_data() -> DataConfig:
     data.num_cpus, data.workers = 0.25, 1
     # The sample set is a few dozen records; a longer epoch (records repeated to
     # their blend share) saves re-running the read pipeline every couple of steps.
-    data.samples_per_epoch = 512
+    data.samples_per_epoch = 256
     return data
 
 

@@ -9,8 +9,6 @@ bash infra/local/setup.sh
 eval "$(.venv/bin/kosmos-g local env)"
 export PATH="$PWD/.venv/bin:$PATH"
 
-# The bundled sample set (scikit-image photographs with hand-written captions).
-kosmos-g data samples
 
 ray job submit -- python pipelines/instruct.py --preset tiny "$@"
 

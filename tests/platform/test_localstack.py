@@ -108,7 +108,8 @@ def test_up_fails_clearly_when_a_port_is_taken(tmp_path):
         result = _run("up", "--state-dir", str(tmp_path), "--set", f"ports.s3={taken}",
                       "--set", f"ports.seaweed_base={_free_block(10)}", timeout=120)
     assert result.returncode == 1
-    assert f"port(s) already in use by another program: seaweed.s3={taken}" in result.stderr
+    assert f"port(s) already in use by another program: s3={taken}" in result.stderr
+    assert "--set ports.s3=PORT" in result.stderr
 
 
 def test_bad_override_is_rejected(tmp_path):
