@@ -132,7 +132,7 @@ def resample(table: pa.Table, source: str, count: int, target: int, seed: int) -
     return pa.table(columns, schema=BLEND_SCHEMA)
 
 
-def _read_source(name: str, prefix: str, stage: int, data: DataConfig):
+def _read_source(name: str, prefix: str, columns: list[str], data: DataConfig):
     import ray
 
     manifest = shards.read_manifest(prefix)
@@ -141,16 +141,18 @@ def _read_source(name: str, prefix: str, stage: int, data: DataConfig):
     uris = manifest.shard_uris(prefix)
     filesystem, _ = storage.pyarrow_filesystem(prefix)
     paths = [storage.pyarrow_filesystem(uri)[1] for uri in uris]
-    ds = ray.data.read_parquet(paths, filesystem=filesystem, columns=STAGE_COLUMNS[stage][name],
+    ds = ray.data.read_parquet(paths, filesystem=filesystem, columns=columns,
                                num_cpus=data.num_cpus)
     return ds, manifest.count
 
 
-def blended_records(stage: int, data: DataConfig):
+def blended_records(stage: int, data: DataConfig, columns: dict[str, list[str]] | None = None):
     """The resampled, shuffled shard records of a stage (before preprocessing): one row
-    per example with `source`, `key`, `draw` and the raw record columns."""
+    per example with `source`, `key`, `draw` and the raw record columns (by default the
+    ones the stage needs; e.g. {"captions": ["key"], ...} to study the blend cheaply)."""
     sources = stage_sources(stage, data)
-    read = {name: _read_source(name, prefix, stage, data) for name, prefix, _ in sources}
+    columns = columns or STAGE_COLUMNS[stage]
+    read = {name: _read_source(name, prefix, columns[name], data) for name, prefix, _ in sources}
     plan = epoch_plan({name: count for name, (_, count) in read.items()},
                       {name: weight for name, _, weight in sources}, data.samples_per_epoch)
     parts = []
@@ -159,7 +161,7 @@ def blended_records(stage: int, data: DataConfig):
                                     batch_format="pyarrow", batch_size=None, num_cpus=data.num_cpus))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if data.shuffle == "global":
-        ds = ds.random_shuffle(seed=data.seed)
+        ds = ds.random_shuffle(seed=data.seed, num_cpus=data.num_cpus)
     elif data.shuffle == "blocks":
         ds = ds.randomize_block_order(seed=data.seed)
     elif data.shuffle != "none":

@@ -76,6 +76,19 @@ def _text(row: dict, name: str) -> str:
     return value
 
 
+def _entity_span(caption: str, entity: dict) -> tuple[int, int, dict] | None:
+    """(start, end, entity) of an entity in its caption; None for an unusable record.
+    Spans that do not match the text (written by another tool) fall back to a search."""
+    text = entity.get("text")
+    if not isinstance(text, str) or not text:
+        return None
+    start, end = entity.get("start"), entity.get("end")
+    if not (isinstance(start, int) and isinstance(end, int) and caption[start:end] == text):
+        start = caption.find(text)
+        end = start + len(text)
+    return (start, end, entity) if start >= 0 else None
+
+
 class Preprocessor:
     """Ray Data UDF: blended shard rows (pyarrow) -> example rows (OUTPUT_SCHEMA)."""
 
@@ -111,14 +124,8 @@ class Preprocessor:
 
     def _compositional(self, row: dict, rng: np.random.Generator, drop_p: float, info: dict) -> list:
         caption = _text(row, "caption")
-        entities = []
-        for entity in sorted(row.get("entities") or [], key=lambda e: e["start"]):
-            start, end = int(entity["start"]), int(entity["end"])
-            if caption[start:end] != entity["text"]:  # spans from another tool: fall back to search
-                start = caption.find(entity["text"])
-                end = start + len(entity["text"])
-            if start >= 0 and entity["text"]:
-                entities.append((start, end, entity))
+        entities = sorted((span for entity in row.get("entities") or []
+                           if (span := _entity_span(caption, entity)) is not None), key=lambda s: s[:2])
         if not entities:
             raise SkipRecord("no_entities")
         segments: list = []
@@ -129,7 +136,9 @@ class Preprocessor:
             keep_background = rng.random() < self.data.keep_background_p
             if start < position:
                 continue  # overlaps the previous entity
-            crop = entity["crop"] if keep_background or entity.get("crop_nobg") is None else entity["crop_nobg"]
+            # Shards may hold only one variant (construct.py can switch either off).
+            chosen, other = ("crop", "crop_nobg") if keep_background else ("crop_nobg", "crop")
+            crop = entity.get(chosen) if entity.get(chosen) is not None else entity.get(other)
             segments.append(caption[position:start] + ("" if drop_text else caption[start:end]))
             segments.append(self._clip_image(crop))
             info["n_entities"] += 1

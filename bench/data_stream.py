@@ -1,0 +1,130 @@
+"""Throughput of the training stream: Ray Data from S3 vs. a plain Python loop.
+
+    eval "$(kosmos-g local env)"
+    python bench/data_stream.py --samples 2000            # sample shards written to the stack
+    python bench/data_stream.py --shards s3://bucket/shards --stage 3 --model paper
+
+Both sides do the same work on the same shards: fetch the Parquet files, resample the
+sources to the blend, shuffle, decode, augment, tokenise, resize (224 px CLIP / 512 px
+VAE with `--model paper`) and collate model batches. The Ray side is
+`training_dataset(...).iter_torch_batches(collate_fn=...)`; the plain side downloads the
+files with boto3 and runs the same `Preprocessor` and `StreamCollator` in one process.
+Prints samples/s of each and their ratio, measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def ray_stream(stage: int, data, model, batch_size: int) -> tuple[int, float, float]:
+    """(samples, seconds including start-up, seconds after the first batch)."""
+    from kosmos_g.platform.datastream import collate_fn, training_dataset
+
+    started = time.perf_counter()
+    first = None
+    count = 0
+    for batch in training_dataset(stage, data, model).iter_torch_batches(
+            batch_size=batch_size, collate_fn=collate_fn(stage, model)):
+        count += batch["input_ids"].shape[0]
+        if first is None:
+            first, first_count = time.perf_counter(), count
+    end = time.perf_counter()
+    return count, end - started, (count - first_count) / max(end - first, 1e-9) if first else 0.0
+
+
+def _boto3_table(uri: str, columns: list[str]) -> pa.Table:
+    from kosmos_g.platform import storage
+
+    location = storage.parse(uri)
+    body = storage.s3_client().get_object(Bucket=location.bucket, Key=location.path)["Body"].read()
+    return pq.read_table(io.BytesIO(body), columns=columns)
+
+
+def plain_loop(stage: int, data, model, batch_size: int) -> tuple[int, float]:
+    """The same pipeline in one process: boto3 -> pyarrow -> Preprocessor -> collate."""
+    from kosmos_g.platform import datastream, shards
+    from kosmos_g.platform.examples import Preprocessor, StreamCollator
+
+    started = time.perf_counter()
+    sources = datastream.stage_sources(stage, data)
+    tables, counts = {}, {}
+    for name, prefix, _ in sources:
+        manifest = shards.read_manifest(prefix)
+        columns = datastream.STAGE_COLUMNS[stage][name]
+        tables[name] = pa.concat_tables([_boto3_table(uri, columns) for uri in manifest.shard_uris(prefix)])
+        counts[name] = tables[name].num_rows
+    plan = datastream.epoch_plan(counts, {name: w for name, _, w in sources}, data.samples_per_epoch)
+    records = pa.concat_tables([datastream.resample(tables[n], n, counts[n], plan[n], data.seed) for n in tables])
+    records = records.take(pa.array(np.random.default_rng(data.seed).permutation(records.num_rows)))
+    preprocess, collate = Preprocessor(stage, data, model), StreamCollator(stage, model)
+    count = 0
+    for start in range(0, records.num_rows, batch_size):
+        rows = preprocess(records.slice(start, batch_size))
+        batch = collate({name: np.asarray(rows.column(name).to_pylist(), dtype=object) for name in rows.column_names})
+        count += batch["input_ids"].shape[0]
+    return count, time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", default=None,
+                        help="prefix holding captions/, compositional/, editing/ (default: write the samples)")
+    parser.add_argument("--stage", type=int, default=3, choices=(1, 2, 3))
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--model", default="paper", choices=("tiny", "paper"), help="image sizes of this preset")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="most preprocessing actors")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    from kosmos_g.models.config import model_preset
+    from kosmos_g.platform import cluster, samples, storage
+    from kosmos_g.platform.datastream import DataConfig
+
+    prefix = args.shards
+    if prefix is None:
+        root = os.environ.get("KOSMOS_STORAGE_ROOT")
+        if not root or not root.startswith("s3://"):
+            parser.error("set KOSMOS_STORAGE_ROOT to an s3:// prefix (eval \"$(kosmos-g local env)\") or pass --shards")
+        prefix = storage.join(root, "bench", f"samples-{uuid.uuid4().hex[:8]}")
+        samples.write_sample_shards(prefix)
+    data = DataConfig(captions=storage.join(prefix, "captions"), compositional=storage.join(prefix, "compositional"),
+                      editing=storage.join(prefix, "editing"), samples_per_epoch=args.samples,
+                      workers=args.workers, num_cpus=1.0)
+    model = model_preset(args.model)
+    cluster.connect()
+
+    plain_count, plain_seconds = plain_loop(args.stage, data, model, args.batch_size)
+    ray_count, ray_seconds, ray_steady = ray_stream(args.stage, data, model, args.batch_size)
+    results = {
+        "stage": args.stage, "model": args.model, "shards": prefix, "batch_size": args.batch_size,
+        "plain_samples": plain_count, "plain_seconds": plain_seconds, "plain_samples_per_s": plain_count / plain_seconds,
+        "ray_samples": ray_count, "ray_seconds": ray_seconds, "ray_samples_per_s": ray_count / ray_seconds,
+        "ray_steady_samples_per_s": ray_steady,
+    }
+    results["ratio"] = results["ray_samples_per_s"] / results["plain_samples_per_s"]
+    results["steady_ratio"] = ray_steady / results["plain_samples_per_s"]
+    print(f"stage {args.stage}, {args.model} image sizes, batch {args.batch_size}, shards {prefix}")
+    print(f"plain boto3 loop (1 process): {plain_count:6d} samples in {plain_seconds:7.1f}s = "
+          f"{results['plain_samples_per_s']:8.1f} samples/s")
+    print(f"Ray Data stream             : {ray_count:6d} samples in {ray_seconds:7.1f}s = "
+          f"{results['ray_samples_per_s']:8.1f} samples/s (after first batch: {ray_steady:.1f} samples/s)")
+    print(f"ratio Ray / plain: {results['ratio']:.2f}x overall, {results['steady_ratio']:.2f}x after start-up")
+    if args.json:
+        with open(args.json, "w") as stream:
+            json.dump(results, stream, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""The training stream: batches per stage, blend ratios, augmentation rates,
+determinism and skipped corrupt records (Ray Data over shards in SeaweedFS)."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from kosmos_g.models.images import clip_preprocess, vae_preprocess
+from kosmos_g.models.prompt import BATCH_KEYS
+from kosmos_g.platform import datastream, imaging, samples, shards
+from kosmos_g.platform.datastream import DataConfig, collate_fn, training_dataset
+from kosmos_g.platform.examples import Preprocessor, example_rng
+
+BAD_KEYS = {"bad-bytes", "truncated", "no-caption", "no-entities", "bad-edit"}
+
+
+def _config(prefixes, **overrides) -> DataConfig:
+    return DataConfig(**prefixes, num_cpus=0.5, workers=1, **overrides)
+
+
+def _numpy_batch(table) -> dict[str, np.ndarray]:
+    """What iter_torch_batches hands a collate_fn: column name -> object array."""
+    return {name: np.asarray(table.column(name).to_pylist() + [None], dtype=object)[:-1] for name in table.column_names}
+
+
+def _check_batch(batch, stage, cfg):
+    extra = {1: set(), 2: {"captions"}, 3: {"target_pixels"}}[stage]
+    assert set(batch) == set(BATCH_KEYS) | extra
+    size = cfg.mllm.vision.image_size
+    b, length = batch["input_ids"].shape
+    assert batch["input_ids"].dtype == torch.long
+    for name in ("attention_mask", "image_mask", "loss_mask"):
+        assert batch[name].dtype == torch.bool and batch[name].shape == (b, length)
+    assert batch["pixel_values"].shape[1:] == (3, size, size) and batch["pixel_values"].dtype == torch.float32
+    assert int(batch["image_mask"].sum()) == batch["pixel_values"].shape[0] * cfg.mllm.image_tokens
+    assert not (batch["loss_mask"] & ~batch["attention_mask"]).any()
+    if stage == 2:
+        assert len(batch["captions"]) == b and all(isinstance(c, str) and c for c in batch["captions"])
+    if stage == 3:
+        side = cfg.image_decoder.image_size
+        target = batch["target_pixels"]
+        assert target.shape == (b, 3, side, side) and target.dtype == torch.float32
+        assert target.min() >= -1 and target.max() <= 1
+
+
+@pytest.fixture(scope="module")
+def dirty_shards(sample_shards, stack_env):
+    """The sample shards plus corrupt records of every kind, in S3."""
+    prefix = sample_shards["captions"].rsplit("/", 1)[0] + "-dirty"
+    captions = samples.caption_rows()
+    captions += [dict(captions[0], key="bad-bytes", image=b"\x89PNG broken"),
+                 dict(captions[1], key="truncated", image=captions[1]["image"][:200]),
+                 dict(captions[2], key="no-caption", caption="")]
+    composed = samples.compositional_rows()
+    composed.append(dict(composed[0], key="no-entities", entities=[]))
+    edits = samples.editing_rows()
+    edits.append(dict(edits[0], key="bad-edit", edited_image=b"GIF89a nope"))
+    for source, rows in (("captions", captions), ("compositional", composed), ("editing", edits)):
+        shards.write_rows(f"{prefix}/{source}", source, rows)
+    return {source: f"{prefix}/{source}" for source in ("captions", "compositional", "editing")}
+
+
+@pytest.fixture(scope="module")
+def stage3(ray_local, dirty_shards, tiny_cfg):
+    """One stage-3 epoch over the dirty shards: (config, example rows)."""
+    data = _config(dirty_shards, samples_per_epoch=64, seed=3, skip_counter="test-stage3-skips")
+    return data, training_dataset(3, data, tiny_cfg).take_all()
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_stage_batches_through_iter_torch_batches(ray_local, sample_shards, tiny_cfg, stage):
+    data = _config(sample_shards, samples_per_epoch=48)
+    seen = 0
+    for batch in training_dataset(stage, data, tiny_cfg).iter_torch_batches(
+            batch_size=16, collate_fn=collate_fn(stage, tiny_cfg)):
+        _check_batch(batch, stage, tiny_cfg)
+        seen += batch["input_ids"].shape[0]
+    assert abs(seen - 48) <= 8  # the blend's last partial repeat is drawn per record
+
+
+def test_stage3_examples_and_batches(stage3, tiny_cfg):
+    data, rows = stage3
+    assert abs(len(rows) - 64) <= 12
+    assert {row["source"] for row in rows} == {"compositional", "editing", "captions"}
+    table = pa.Table.from_pylist(rows)
+    for start in range(0, table.num_rows, 16):
+        _check_batch(collate_fn(3, tiny_cfg)(_numpy_batch(table.slice(start, 16))), 3, tiny_cfg)
+
+
+def test_corrupt_records_are_skipped_and_counted(stage3):
+    data, rows = stage3
+    assert not BAD_KEYS & {row["key"] for row in rows}
+    counts = datastream.skip_counts(data)
+    assert set(counts) <= {"decode_error", "missing_field", "no_entities"}
+    assert counts.get("decode_error", 0) >= 1 and sum(counts.values()) >= 2
+    datastream.reset_skip_counts(data)
+    assert datastream.skip_counts(data) == {}
+
+
+def test_deterministic_given_seed(stage3, tiny_cfg):
+    data, rows = stage3
+    again = training_dataset(3, data, tiny_cfg).take_all()
+    columns = ("key", "draw", "input_ids", "clip_pixels", "target_pixels")
+    assert [tuple(np.asarray(r[c]).tobytes() if c == "input_ids" else r[c] for c in columns) for r in again] == \
+        [tuple(np.asarray(r[c]).tobytes() if c == "input_ids" else r[c] for c in columns) for r in rows]
+    # Another seed draws other repeats and other augmentations.
+    table = shards.read_table(data.captions, columns=["key", "caption"])
+    draws = [datastream.resample(table, "captions", table.num_rows, 30, seed).column("key").to_pylist()
+             for seed in (3, 4)]
+    assert draws[0] != draws[1]
+    assert example_rng(3, 3, "captions", "k", 0).random() != example_rng(4, 3, "captions", "k", 0).random()
+
+
+def test_blend_ratios_over_thousands_of_samples(ray_local, sample_shards):
+    data = _config(sample_shards, samples_per_epoch=3000, seed=7)
+    keys_only = {source: ["key"] for source in datastream.SOURCE_ORDER}
+    rows = datastream.blended_records(3, data, keys_only).select_columns(["source", "key", "draw"]).take_all()
+    assert abs(len(rows) - 3000) <= 40
+    sources = collections.Counter(row["source"] for row in rows)
+    for name, share in (("compositional", 0.4), ("editing", 0.4), ("captions", 0.2)):
+        assert abs(sources[name] / len(rows) - share) < 0.03, sources
+    # Every record is used; small sources are repeated to their share, draws numbered.
+    keys = {(row["source"], row["key"]) for row in rows}
+    assert len(keys) == len(samples.CAPTIONS) + len(samples.ENTITIES) + 2 * len(samples.EDITED_PHOTOS)
+    assert len({(row["source"], row["key"], row["draw"]) for row in rows}) == len(rows)
+
+
+def test_augmentation_rates(sample_shards, tiny_cfg):
+    """The stage-3 augmentation probabilities over ~2000 draws each (in-process, the
+    same Preprocessor the stream's actors run)."""
+    data = _config(sample_shards, seed=11)
+    tables = []
+    for source, draws in (("compositional", 900), ("editing", 1200)):
+        table = shards.read_table(sample_shards[source], columns=datastream.STAGE_COLUMNS[3][source])
+        tables.append(datastream.resample(table, source, table.num_rows, draws, data.seed))
+    rows = Preprocessor(3, data, tiny_cfg)(pa.concat_tables(tables)).to_pylist()
+    compositional = [row for row in rows if row["source"] == "compositional"]
+    entities = sum(row["n_entities"] for row in compositional)
+    assert entities > 2000
+    assert abs(sum(row["n_entity_text_dropped"] for row in compositional) / entities - 0.5) < 0.04
+    assert abs(sum(row["n_background_kept"] for row in compositional) / entities - 0.5) < 0.04
+    editing = [row for row in rows if row["source"] == "editing"]
+    assert abs(np.mean([row["input_caption_dropped"] for row in editing]) - 0.5) < 0.05
+    assert all(row["n_images"] == 1 for row in editing)
+    # A dropped entity text leaves its image: images == entities, fewer text tokens.
+    assert all(row["n_images"] == row["n_entities"] for row in compositional)
+
+
+def test_pixels_match_model_preprocessing(sample_shards, tiny_cfg):
+    """The stream's uint8 transport + collate equals models.images.clip/vae_preprocess."""
+    data = _config(sample_shards, fast_decode=False, drop_input_caption_p=0.0)
+    table = shards.read_table(sample_shards["editing"], columns=datastream.STAGE_COLUMNS[3]["editing"])
+    records = datastream.resample(table, "editing", table.num_rows, table.num_rows, 0)
+    batch = collate_fn(3, tiny_cfg)(_numpy_batch(Preprocessor(3, data, tiny_cfg)(records)))
+    first = table.to_pylist()[0]
+    clip = clip_preprocess(imaging.decode_image(first["input_image"]), tiny_cfg.mllm.vision.image_size)
+    target = vae_preprocess(imaging.decode_image(first["edited_image"]), tiny_cfg.image_decoder.image_size)
+    assert torch.equal(batch["pixel_values"][0], clip) and torch.equal(batch["target_pixels"][0], target)
+    assert batch["loss_mask"][0].any() and batch["input_ids"][0, 0] == 1  # <s>
+
+
+def test_config_validation(sample_shards):
+    with pytest.raises(ValueError, match="stage 2 needs"):
+        datastream.stage_sources(2, DataConfig(editing=sample_shards["editing"]))
+    with pytest.raises(ValueError, match="weights"):
+        datastream.stage_sources(3, DataConfig(**sample_shards, weights=(1.0, 1.0)))
+    only = datastream.stage_sources(3, DataConfig(**sample_shards, weights=(0.0, 2.0, 1.0)))
+    assert [name for name, _, _ in only] == ["editing", "captions"]
+    assert datastream.epoch_plan({"a": 10, "b": 10}, {"a": 2.0, "b": 1.0}, 0) == {"a": 20, "b": 10}
