@@ -78,13 +78,16 @@ def stack_env(s3_server, mlflow_server, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_local(stack_env):
-    """A local Ray for the session (2 CPUs), workers inheriting `stack_env`."""
+    """A local Ray for the session, workers inheriting `stack_env`. It advertises 4
+    logical CPUs on any machine: enough that a Serve app, a Ray Train run and its
+    Ray Data readers (whose file listing alone asks for a whole CPU) never wait
+    on each other for scheduling, while the 2 real cores are shared."""
     import ray
 
     from kosmos_g.platform import cluster
 
     os.environ.pop("RAY_ADDRESS", None)
-    cluster.connect(num_cpus=2)
+    cluster.connect(num_cpus=4)
     yield ray
     ray.shutdown()
 

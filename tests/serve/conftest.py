@@ -110,7 +110,9 @@ def controlnet_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="session")
+# Package scope: the service's replicas hold CPUs of the shared test Ray and must be
+# gone before other packages' tests (training) need them.
+@pytest.fixture(scope="package")
 def service(ray_local, registered_tiny, lora_prefix, controlnet_dir):
     """Base URL of a running service: `kosmos-g serve --detach` on the session's Ray."""
     from ray import serve
@@ -141,7 +143,7 @@ def service(ray_local, registered_tiny, lora_prefix, controlnet_dir):
         serve.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def client(service) -> requests.Session:
     session = requests.Session()
     session.headers["X-API-Key"] = API_KEY
