@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 def ray_stream(stage: int, data, model, batch_size: int) -> tuple[int, float, float]:
     """(samples, seconds including start-up, seconds after the first batch)."""
-    from kosmos_g.platform.datastream import collate_fn, training_dataset
+    from kosmos_g.platform.data.datastream import collate_fn, training_dataset
 
     started = time.perf_counter()
     first = None
@@ -52,8 +52,8 @@ def _boto3_table(uri: str, columns: list[str]) -> pa.Table:
 
 def plain_loop(stage: int, data, model, batch_size: int) -> tuple[int, float]:
     """The same pipeline in one process: boto3 -> pyarrow -> Preprocessor -> collate."""
-    from kosmos_g.platform import datastream, shards
-    from kosmos_g.platform.examples import Preprocessor, StreamCollator
+    from kosmos_g.platform.data import datastream, shards
+    from kosmos_g.platform.data.examples import Preprocessor, StreamCollator
 
     started = time.perf_counter()
     sources = datastream.stage_sources(stage, data)
@@ -88,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from kosmos_g.models.config import model_preset
-    from kosmos_g.platform import cluster, samples, storage
-    from kosmos_g.platform.datastream import DataConfig
+    from kosmos_g.platform.stack import cluster
+    from kosmos_g.platform.data import samples
+    from kosmos_g.platform import storage
+    from kosmos_g.platform.data.datastream import DataConfig
 
     prefix = args.shards
     if prefix is None:

@@ -141,8 +141,8 @@ def run_all(args) -> dict:
     import ray
     from ray import serve
 
-    from kosmos_g.platform import cluster
-    from kosmos_g.platform.services import free_port
+    from kosmos_g.platform.stack import cluster
+    from kosmos_g.platform.stack.services import free_port
     from kosmos_g.serve.model_source import build_demo_bundle
 
     image = photo_png()

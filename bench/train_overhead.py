@@ -26,8 +26,8 @@ def prepare_environment(workdir: str) -> None:
 
 
 def stage_config(stage: int, steps: int, workers: int):
-    from kosmos_g.platform.samples import write_sample_shards
-    from kosmos_g.platform.trainconfig import stage_presets
+    from kosmos_g.platform.data.samples import write_sample_shards
+    from kosmos_g.platform.train.config import stage_presets
 
     prefixes = write_sample_shards(os.environ["KOSMOS_STORAGE_ROOT"].rstrip("/") + "/bench-samples")
     cfg = stage_presets(stage).get("tiny", [
@@ -45,8 +45,8 @@ def plain_loop(cfg) -> dict[str, float]:
     import torch
 
     from kosmos_g.models.kosmos_g import KosmosG
-    from kosmos_g.platform.datastream import collate_fn, training_dataset
-    from kosmos_g.platform.train_loop import MODEL_KEYS, lr_lambda
+    from kosmos_g.platform.data.datastream import collate_fn, training_dataset
+    from kosmos_g.platform.train.loop import MODEL_KEYS, lr_lambda
 
     torch.manual_seed(cfg.train.seed)
     model = KosmosG.from_config(cfg.model)
@@ -81,7 +81,7 @@ def plain_loop(cfg) -> dict[str, float]:
 
 def ray_train_loop(cfg) -> dict[str, float]:
     from kosmos_g.platform import tracking
-    from kosmos_g.platform.train_job import run_stage
+    from kosmos_g.platform.train.job import run_stage
 
     started = time.perf_counter()
     result = run_stage(cfg)
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="kosmos-bench-") as workdir:
         prepare_environment(workdir)
-        from kosmos_g.platform import cluster
+        from kosmos_g.platform.stack import cluster
 
         cluster.connect()
         cfg = stage_config(args.stage, args.steps, args.workers)

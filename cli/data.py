@@ -39,7 +39,7 @@ def register(subparsers) -> None:
 
 
 def run_samples(args: argparse.Namespace) -> int:
-    from kosmos_g.platform.samples import write_sample_shards
+    from kosmos_g.platform.data.samples import write_sample_shards
 
     prefixes = write_sample_shards(args.output or f"{default_root()}/samples")
     print(json.dumps(prefixes, indent=2))
@@ -47,8 +47,8 @@ def run_samples(args: argparse.Namespace) -> int:
 
 
 def run_import_captions(args: argparse.Namespace) -> int:
-    from kosmos_g.platform import cluster
-    from kosmos_g.platform.importers import import_captions
+    from kosmos_g.platform.stack import cluster
+    from kosmos_g.platform.data.importers import import_captions
 
     cluster.connect()
     result = import_captions(args.table, args.output, image_column=args.image_column,
@@ -58,8 +58,8 @@ def run_import_captions(args: argparse.Namespace) -> int:
 
 
 def run_import_edits(args: argparse.Namespace) -> int:
-    from kosmos_g.platform import cluster
-    from kosmos_g.platform.importers import import_instructpix2pix
+    from kosmos_g.platform.stack import cluster
+    from kosmos_g.platform.data.importers import import_instructpix2pix
 
     cluster.connect()
     print(import_instructpix2pix(args.source, args.output))

@@ -27,14 +27,14 @@ def register(subparsers) -> None:
 
 def _stack(args: argparse.Namespace):
     from kosmos_g.platform.config import apply_overrides
-    from kosmos_g.platform.localstack import LocalStack, LocalStackConfig
+    from kosmos_g.platform.stack.localstack import LocalStack, LocalStackConfig
 
     return LocalStack(args.state_dir, apply_overrides(LocalStackConfig(), args.overrides))
 
 
 def run(args: argparse.Namespace) -> int:
     from kosmos_g.platform.config import ConfigError
-    from kosmos_g.platform.localstack import describe_failure, export_lines
+    from kosmos_g.platform.stack.localstack import describe_failure, export_lines
 
     try:
         stack = _stack(args)

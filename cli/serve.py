@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from kosmos_g.platform import cluster
+    from kosmos_g.platform.stack import cluster
 
     embedded = ray.is_initialized()  # e.g. tests: someone else owns this Ray
     on_cluster = embedded or cluster.ray_address() is not None

@@ -31,7 +31,7 @@ def _stage_args(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kosmos_g.platform.train_job import main as stage_main
+    from kosmos_g.platform.train.job import main as stage_main
 
     if args.stage != "all":
         return stage_main(STAGES[args.stage], _stage_args(args))

@@ -28,7 +28,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from kosmos_g.platform import cluster, shards, skips, storage, tracking
+from kosmos_g.platform.stack import cluster
+from kosmos_g.platform.data import shards, skips
+from kosmos_g.platform import storage, tracking
 from kosmos_g.platform.config import Presets, to_yaml
 
 SKIP_REASONS = ("decode_error", "no_entities", "empty_mask")
@@ -144,7 +146,7 @@ def resolved(cfg: ConstructConfig) -> ConstructConfig:
 
 def prepare(cfg: ConstructConfig) -> None:
     """Demo inputs: sample photographs and tiny checkpoints, only where missing."""
-    from kosmos_g.platform import samples
+    from kosmos_g.platform.data import samples
 
     if cfg.write_sample_images and not _image_uris(cfg.input):
         print(f"construct: writing the sample photographs to {cfg.input}", flush=True)

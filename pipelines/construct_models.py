@@ -15,9 +15,10 @@ import re
 import numpy as np
 import pyarrow as pa
 
-from kosmos_g.platform import imaging, shards, storage
-from kosmos_g.platform.examples import key_hash
-from kosmos_g.platform.skips import SkipRecorder
+from kosmos_g.platform.data import imaging, shards
+from kosmos_g.platform import storage
+from kosmos_g.platform.data.examples import key_hash
+from kosmos_g.platform.data.skips import SkipRecorder
 
 # Words that never make an entity on their own (a span is trimmed of them at both ends).
 STOP_WORDS = frozenset(

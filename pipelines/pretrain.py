@@ -3,14 +3,14 @@
     ray job submit -- python pipelines/pretrain.py --preset tiny [--set train.steps=100]
 
 Runs as a Ray Train TorchTrainer with DeepSpeed workers; see
-kosmos_g.platform.train_job for what the job does and the registry it fills.
+kosmos_g.platform.train.job for what the job does and the registry it fills.
 """
 
 from __future__ import annotations
 
 import sys
 
-from kosmos_g.platform.train_job import main as run_stage_main
+from kosmos_g.platform.train.job import main as run_stage_main
 
 STAGE = 1
 

@@ -15,7 +15,8 @@ import os
 import platform
 import time
 
-from kosmos_g.platform import cluster, storage, tracking
+from kosmos_g.platform.stack import cluster
+from kosmos_g.platform import storage, tracking
 
 
 def main(argv: list[str] | None = None) -> int:

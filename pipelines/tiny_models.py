@@ -29,7 +29,7 @@ def vocabulary() -> list[str]:
     set's hand-annotated entities. A vocabulary this small makes a random captioner and
     a random LLM share words often, so many images get entities and the whole path
     (segmentation, crops, shards) runs."""
-    from kosmos_g.platform.samples import ENTITIES
+    from kosmos_g.platform.data.samples import ENTITIES
 
     words = {w for entities in ENTITIES.values() for text, _ in entities for w in re.findall(r"[a-z'-]+", text)}
     return SPECIALS + [",", ".", "a", "the", "with", "and", "on"] + sorted(words)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from kosmos_g.platform import services
-from kosmos_g.platform.services import S3Settings
+from kosmos_g.platform.stack import services
+from kosmos_g.platform.stack.services import S3Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "kosmos-test"
@@ -84,7 +84,7 @@ def ray_local(stack_env):
     on each other for scheduling, while the 2 real cores are shared."""
     import ray
 
-    from kosmos_g.platform import cluster
+    from kosmos_g.platform.stack import cluster
 
     os.environ.pop("RAY_ADDRESS", None)
     cluster.connect(num_cpus=4)

@@ -13,7 +13,7 @@ from tests.conftest import BUCKET
 
 @pytest.fixture(scope="session")
 def sample_shards(stack_env) -> dict[str, str]:
-    from kosmos_g.platform.samples import write_sample_shards
+    from kosmos_g.platform.data.samples import write_sample_shards
 
     return write_sample_shards(f"s3://{BUCKET}/data-samples-{uuid.uuid4().hex[:8]}")
 

@@ -11,7 +11,8 @@ import pytest
 from kosmos_g.pipelines import construct
 from kosmos_g.pipelines.construct_models import parse_entities
 from kosmos_g.pipelines.tiny_models import write_tiny_models
-from kosmos_g.platform import imaging, samples, shards, storage, tracking
+from kosmos_g.platform.data import imaging, samples, shards
+from kosmos_g.platform import storage, tracking
 from tests.conftest import BUCKET
 
 

@@ -12,9 +12,9 @@ import torch
 
 from kosmos_g.models.images import clip_preprocess, vae_preprocess
 from kosmos_g.models.prompt import BATCH_KEYS
-from kosmos_g.platform import datastream, imaging, samples, shards
-from kosmos_g.platform.datastream import DataConfig, collate_fn, training_dataset
-from kosmos_g.platform.examples import Preprocessor
+from kosmos_g.platform.data import datastream, imaging, samples, shards
+from kosmos_g.platform.data.datastream import DataConfig, collate_fn, training_dataset
+from kosmos_g.platform.data.examples import Preprocessor
 
 BAD_KEYS = {"bad-bytes", "truncated", "no-caption", "no-entities", "bad-edit"}
 

@@ -8,7 +8,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kosmos_g.platform import imaging, importers, samples, shards, storage
+from kosmos_g.platform.data import imaging, importers, samples, shards
+from kosmos_g.platform import storage
 
 CPUS = 0.5  # per task: the session's local Ray has 2 CPUs
 

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from kosmos_g.platform import imaging, samples, shards, storage
+from kosmos_g.platform.data import imaging, samples, shards
+from kosmos_g.platform import storage
 
 
 def test_sample_shards_round_trip(sample_shards):

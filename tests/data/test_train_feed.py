@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from kosmos_g.platform import storage
-from kosmos_g.platform.datastream import DataConfig, collate_fn, training_dataset
+from kosmos_g.platform.data.datastream import DataConfig, collate_fn, training_dataset
 
 
 def _loop(config: dict) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from kosmos_g.platform import services
+from kosmos_g.platform.stack import services
 from tests.conftest import REPO_ROOT
 
 KOSMOS_G = str(Path(sys.executable).parent / "kosmos-g")

@@ -118,7 +118,7 @@ def service(ray_local, registered_tiny, lora_prefix, controlnet_dir):
     from ray import serve
 
     from kosmos_g.cli.main import main
-    from kosmos_g.platform.services import free_port
+    from kosmos_g.platform.stack.services import free_port
 
     port = free_port()
     argv = [

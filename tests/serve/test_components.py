@@ -47,7 +47,7 @@ def test_api_scheduler_names_exist_in_models():
 
 def test_serve_config_yaml_is_readable():
     from kosmos_g.cli.serve import read_serve_config
-    from kosmos_g.platform.localstack import repo_root
+    from kosmos_g.platform.stack.localstack import repo_root
     from kosmos_g.serve.app import config_from_args
 
     import yaml

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kosmos_g.platform import storage, tracking
-from kosmos_g.platform.train_job import run_stage
-from kosmos_g.platform.trainconfig import stage_presets
+from kosmos_g.platform.train.job import run_stage
+from kosmos_g.platform.train.config import stage_presets
 
 
 def _config(stage: int, data_prefixes: dict, s3_root: str, **overrides):
@@ -33,7 +33,7 @@ def _window_means(run_id: str, metric: str, window: int = 5) -> tuple[float, flo
 
 @pytest.fixture(scope="module")
 def sample_data(stack_env):
-    from kosmos_g.platform.samples import write_sample_shards
+    from kosmos_g.platform.data.samples import write_sample_shards
 
     root = f"s3://kosmos-test/training-{uuid.uuid4().hex[:8]}"
     return root, write_sample_shards(f"{root}/samples")

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import psutil
 
-from kosmos_g.platform import services
-from kosmos_g.platform.services import RaySettings, S3Settings, ServiceError
+from kosmos_g.platform.stack import services
+from kosmos_g.platform.stack.services import RaySettings, S3Settings, ServiceError
 
 ORDER = ("seaweedfs", "mlflow", "ray")
 
@@ -48,7 +48,7 @@ class LocalStackConfig:
 
 def repo_root() -> Path:
     """The checkout this package was installed from (jobs run from here)."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def default_state_dir() -> Path:

@@ -30,8 +30,9 @@ import numpy as np
 import pyarrow as pa
 
 from kosmos_g.models.config import ModelConfig
-from kosmos_g.platform import shards, skips, storage
-from kosmos_g.platform.examples import Preprocessor, StreamCollator, key_hash
+from kosmos_g.platform.data import shards, skips
+from kosmos_g.platform import storage
+from kosmos_g.platform.data.examples import Preprocessor, StreamCollator, key_hash
 
 # Order of DataConfig.weights.
 SOURCE_ORDER = ("compositional", "editing", "captions")

@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-from kosmos_g.platform import imaging, shards, storage
+from kosmos_g.platform.data import imaging, shards
+from kosmos_g.platform import storage
 
 # Longest side of the stored photographs: small enough to keep the sample set (and the
 # tests that stream it) fast, large enough for 224 px CLIP crops and 256 px VAE crops.
@@ -171,7 +172,7 @@ def write_sample_shards(prefix: str) -> dict[str, str]:
     prefixes = {}
     for source, build in builders.items():
         target = storage.join(prefix, source)
-        shards.write_rows(target, source, build(), producer="kosmos_g.platform.samples")
+        shards.write_rows(target, source, build(), producer="kosmos_g.platform.data.samples")
         prefixes[source] = target
     return prefixes
 

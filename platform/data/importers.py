@@ -28,8 +28,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from kosmos_g.platform import imaging, shards, skips, storage
-from kosmos_g.platform.skips import SkipRecord
+from kosmos_g.platform.data import imaging, shards, skips
+from kosmos_g.platform import storage
+from kosmos_g.platform.data.skips import SkipRecord
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TABLE_EXTENSIONS = {".parquet": "parquet", ".tsv": "tsv", ".csv": "csv", ".jsonl": "json", ".json": "json"}

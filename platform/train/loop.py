@@ -21,7 +21,7 @@ import torch
 
 from kosmos_g.platform import storage, tracking
 from kosmos_g.platform.config import from_dict
-from kosmos_g.platform.trainconfig import StageConfig
+from kosmos_g.platform.train.config import StageConfig
 
 STATE_FILE = "trainer_state.json"
 BUNDLE_DIR = "bundle"  # the servable bundle rank 0 adds to the final checkpoint

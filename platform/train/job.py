@@ -15,10 +15,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kosmos_g.platform import cluster, storage, tracking
+from kosmos_g.platform.stack import cluster
+from kosmos_g.platform import storage, tracking
 from kosmos_g.platform.config import to_dict, to_yaml
-from kosmos_g.platform.trainconfig import REGISTERED_NAMES, StageConfig, stage_presets
-from kosmos_g.platform.train_loop import BUNDLE_DIR, train_loop_per_worker
+from kosmos_g.platform.train.config import REGISTERED_NAMES, StageConfig, stage_presets
+from kosmos_g.platform.train.loop import BUNDLE_DIR, train_loop_per_worker
 
 
 @dataclass
@@ -56,9 +57,9 @@ def model_config_for(cfg: StageConfig, init_uri: str | None):
 def ensure_sample_data(cfg: StageConfig) -> None:
     """The tiny presets read the bundled sample set; write it on first use so a
     fresh stack can run `pipelines/instruct.py --preset tiny` straight away."""
-    from kosmos_g.platform import shards
-    from kosmos_g.platform.samples import write_sample_shards
-    from kosmos_g.platform.trainconfig import sample_data_root
+    from kosmos_g.platform.data import shards
+    from kosmos_g.platform.data.samples import write_sample_shards
+    from kosmos_g.platform.train.config import sample_data_root
 
     root = sample_data_root()
     wanted = [getattr(cfg.data, source) for source in shards.SOURCES]
@@ -90,7 +91,7 @@ def fit(cfg: StageConfig, init_uri: str | None, run_id: str):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from kosmos_g.platform.datastream import collate_fn, training_dataset
+    from kosmos_g.platform.data.datastream import collate_fn, training_dataset
 
     import ray.data
 
@@ -137,7 +138,7 @@ def publish(cfg: StageConfig, run_id: str, checkpoint) -> str | None:
 
 def log_skip_counts(cfg: StageConfig, run_id: str) -> None:
     """Records the stream skipped (corrupt image, missing field, …), as metrics."""
-    from kosmos_g.platform.datastream import skip_counts
+    from kosmos_g.platform.data.datastream import skip_counts
 
     counts = skip_counts(cfg.data)
     tracking.RunLogger(run_id).log_metrics(
@@ -148,7 +149,7 @@ def log_skip_counts(cfg: StageConfig, run_id: str) -> None:
 
 
 def log_sample_grid(run_id: str, bundle: Path) -> None:
-    from kosmos_g.platform.sample_grid import sample_grid
+    from kosmos_g.platform.train.sample_grid import sample_grid
 
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "grid.png"

@@ -24,8 +24,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from kosmos_g.models.config import ModelConfig
 from kosmos_g.models.images import CLIP_MEAN, CLIP_STD, resize_center_crop
 from kosmos_g.models.prompt import InterleavedTokenizer
-from kosmos_g.platform import imaging
-from kosmos_g.platform.skips import SkipRecord, SkipRecorder
+from kosmos_g.platform.data import imaging
+from kosmos_g.platform.data.skips import SkipRecord, SkipRecorder
 
 SOURCE_IDS = {"compositional": 0, "editing": 1, "captions": 2}
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from kosmos_g.models.config import ModelConfig, model_preset
 from kosmos_g.platform.config import ConfigError, Presets
-from kosmos_g.platform.datastream import DataConfig
+from kosmos_g.platform.data.datastream import DataConfig
 
 PIPELINES = {1: "pretrain", 2: "align", 3: "instruct"}
 # What each stage registers; stage 3's result is the servable model.

@@ -1,0 +1,1 @@
+"""The local stack: services (SeaweedFS, MLflow, Ray head), their lifecycle, and the Ray connection."""
