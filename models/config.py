@@ -60,12 +60,16 @@ class AlignerConfig:
     """AlignerNet: encoder M (source -> condition) and decoder N (condition -> source)."""
 
     dim: int = SD_CONDITION_DIM  # must equal image_decoder.condition_dim
-    num_layers: int = 12  # each of M and N
+    num_layers: int = 12  # query-decoder layers, each of M and N
+    # Non-causal encoder layers over the source (M) / before the output projection (N);
+    # 0 = the decoder-only ablation of the paper's Table 2.
+    encoder_layers: int = 12
     num_heads: int = 12
     ffn_dim: int = 3072
-    # N's learned queries and M's source positions are sized for this many tokens.
-    max_source_length: int = 2048
-    dropout: float = 0.1
+    # N's learned queries and the source positions of M and N are sized for this many tokens
+    # (the release allots 32,768).
+    max_source_length: int = 32768
+    dropout: float = 0.0
 
 
 @dataclass
@@ -159,7 +163,8 @@ def _tiny() -> ModelConfig:
             dropout=0.0,
         ),
         aligner=AlignerConfig(
-            dim=cond_dim, num_layers=2, num_heads=4, ffn_dim=64, max_source_length=256, dropout=0.0
+            dim=cond_dim, num_layers=2, encoder_layers=2, num_heads=4, ffn_dim=64, max_source_length=256,
+            dropout=0.0,
         ),
         image_decoder=ImageDecoderConfig(
             image_size=32, condition_dim=cond_dim,

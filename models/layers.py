@@ -122,9 +122,10 @@ class SubLNBlock(nn.Module):
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
-def magneto_init_(blocks: nn.ModuleList) -> None:
-    """Xavier init everywhere, then scale v/out/fc1/fc2 by sqrt(log(2N)) (Magneto's rule)."""
-    gamma = math.sqrt(math.log(2 * max(1, len(blocks))))
+def magneto_init_(blocks: nn.ModuleList, gain: float | None = None) -> None:
+    """Xavier init everywhere, then scale v/out/fc1/fc2 by `gain`, by default sqrt(log(2N))
+    (Magneto's rule for a decoder- or encoder-only stack of N layers)."""
+    gamma = gain if gain is not None else math.sqrt(math.log(2 * max(1, len(blocks))))
     for block in blocks:
         for name, module in block.named_modules():
             if not isinstance(module, nn.Linear):

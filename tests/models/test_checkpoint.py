@@ -46,7 +46,7 @@ def test_checkpoint_contents(trained, tmp_path):
     with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
     assert {k.split(".")[0] for k in keys} == {"mllm", "aligner"}
-    assert "mllm.resampler.latents" in keys and "aligner.encoder.queries" in keys
+    assert "mllm.resampler.latents" in keys and "aligner.encoder.query.queries" in keys
     assert "mllm.vision.model.encoder.layers.0.mlp.fc1.weight" in keys  # full MLLM incl. frozen CLIP
     assert not any(k.startswith("image_decoder") for k in keys)
     data = json.loads((directory / "config.json").read_text())

@@ -24,7 +24,11 @@ def within(value: int, reference: float, tolerance: float = 0.10) -> bool:
 def test_paper_counts_match_the_paper(paper):
     groups, parts = paper["groups"], paper["components"]
     assert within(groups["mllm"]["total"], 1.6e9)  # "about 1.6B" incl. the image encoder
-    assert within(groups["aligner"]["total"], 225e6)  # "approximately 225M in total"
+    # AlignerNet's encoder M alone is "approximately 225M" (the released structure: projection,
+    # 32,768 learned positions, 12 encoder + 12 query-decoder layers); N mirrors it.
+    assert within(parts["aligner.M"]["total"], 225e6, 0.05)
+    assert within(parts["aligner.N"]["total"], 250e6, 0.05)
+    assert groups["aligner"]["total"] == parts["aligner.M"]["total"] + parts["aligner.N"]["total"]
     assert within(parts["mllm.vision"]["total"], 303e6, 0.01)  # CLIP ViT-L/14 vision tower
     # Stable Diffusion v1.5's components, exact sizes.
     assert parts["image_decoder.unet"]["total"] == 859_520_964
@@ -67,6 +71,8 @@ def test_cli_prints_paper_counts_as_json_quickly():
     assert out.returncode == 0, out.stderr
     counts = json.loads(out.stdout)
     assert counts["preset"] == "paper" and within(counts["groups"]["mllm"]["total"], 1.6e9)
+    assert within(counts["components"]["aligner.M"]["total"], 225e6, 0.05)
+    assert "aligner.N" in counts["components"]
     assert elapsed < 60  # seconds (typically ~5 s; generous for a shared CPU)
 
 
