@@ -47,6 +47,8 @@ class MLLMConfig:
     # 0 = exactly the tokenizer's size (SentencePiece pieces + <image>, </image>, <pad>).
     vocab_size: int = 0
     tie_word_embeddings: bool = True
+    # Scale input embeddings by sqrt(dim), as the released decoder does.
+    scale_embedding: bool = True
     image_tokens: int = 64  # resampler latent queries = embeddings per image
     resampler_heads: int = 32
     dropout: float = 0.1

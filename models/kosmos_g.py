@@ -112,7 +112,8 @@ class KosmosG(nn.Module):
     def encode(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Batch dict -> (B, condition_length, condition_dim) U-Net condition: M(MLLM(prompt))."""
         b = self._batch(batch)
-        return self.aligner.encode(self._mllm(b).hidden_states, b["attention_mask"])
+        mask = self.tokenizer.condition_mask(b["input_ids"], b["attention_mask"])
+        return self.aligner.encode(self._mllm(b).hidden_states, mask)
 
     def encode_prompts(self, prompts: Sequence[str | Sequence[Segment]]) -> torch.Tensor:
         """Prompts (text, or lists of text segments and images) -> (B, 77, D) condition."""
@@ -143,7 +144,8 @@ class KosmosG(nn.Module):
         with torch.no_grad():
             source = self._mllm(b).hidden_states
         target = self.image_decoder.text_condition(list(captions)).to(self.device)
-        return self.aligner.losses(source, b["attention_mask"], target)
+        mask = self.tokenizer.condition_mask(b["input_ids"], b["attention_mask"])
+        return self.aligner.losses(source, mask, target)
 
     def diffusion_loss(self, batch: Mapping[str, Any], target_pixels: torch.Tensor,
                        generator: torch.Generator | None = None, cond_dropout: float = 0.1) -> torch.Tensor:

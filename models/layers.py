@@ -44,8 +44,12 @@ class XPos(nn.Module):
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.float().chunk(2, dim=-1)
-        out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        # The released layout (torchscale's rotate_every_two): adjacent channels (2i, 2i+1)
+        # form the pair rotated by angle i, not channels (i, i + D/2). Weights trained with one
+        # layout do not work with the other.
+        x = x.float()
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
         return out.to(x.dtype)
 
 

@@ -8,6 +8,8 @@ AlignerNet) and, on request, next-token logits (stage-1 language modelling).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -100,9 +102,12 @@ class MagnetoDecoder(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=config.dim**-0.5)
         self.dropout = nn.Dropout(config.dropout)
         self.gradient_checkpointing = config.gradient_checkpointing
+        # As released (fairseq LM default): every input embedding, image slots included, is
+        # scaled by sqrt(dim) before the first layer.
+        self.embed_scale = math.sqrt(config.dim) if config.scale_embedding else 1.0
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(inputs_embeds)
+        x = self.dropout(inputs_embeds * self.embed_scale)
         mask = key_mask(attention_mask)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -174,6 +174,14 @@ class InterleavedTokenizer:
         """Batch dict for a list of prompts (each a text or a segment list)."""
         return self.collate([self.encode(p) for p in prompts])
 
+    def condition_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Positions whose final hidden states feed AlignerNet: every real token but `</s>`.
+
+        As released, the conditioning input is the language-model input, i.e. the sequence
+        without its closing `</s>`; in a causal decoder masking that last token is the same
+        as removing it."""
+        return attention_mask.bool() & (input_ids != self.eos_id)
+
     def bare_batch(self, batch_size: int = 1) -> dict[str, torch.Tensor]:
         """Batch of the bare `<s>` sequence: the unconditional / empty prompt."""
         return self.collate([self.encode([], add_eos=False)] * batch_size)

@@ -141,4 +141,4 @@ class ConditionEncoder:
             # masked_scatter fills slots row-major: images in order of appearance, as in MLLM.embed.
             embeds = embeds.masked_scatter(image_mask[..., None], image_embeds)
         hidden = decoder(embeds, attention)
-        return self.model.aligner.encode(hidden, attention)
+        return self.model.aligner.encode(hidden, self.tokenizer.condition_mask(ids, attention))

@@ -1,0 +1,80 @@
+"""Decoder and conditioning details that released weights depend on (checked against the
+formulas of the official torchscale/fairseq code, re-derived here independently)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kosmos_g.models.layers import XPos
+from kosmos_g.models.prompt import parse_prompt
+
+
+def _reference_xpos(x: torch.Tensor, scale_base: int, upscale: bool) -> torch.Tensor:
+    """xPos with the released layout: angle i rotates channels (2i, 2i+1); positions centred."""
+    length, dim = x.shape[-2], x.shape[-1]
+    half = dim // 2
+    pos = torch.arange(length, dtype=torch.float32) - length // 2
+    inv_freq = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float32) / half))
+    zeta = (torch.arange(0, dim, 2, dtype=torch.float32) + 0.4 * dim) / (1.4 * dim)
+    scale = zeta[None] ** (pos[:, None] / scale_base)
+    scale = scale if upscale else 1 / scale
+    angles = pos[:, None] * inv_freq[None]
+    sin = (angles.sin() * scale).repeat_interleave(2, dim=-1)
+    cos = (angles.cos() * scale).repeat_interleave(2, dim=-1)
+    rotated = torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(-2)  # rotate_every_two
+    return x * cos + rotated * sin
+
+
+def test_xpos_rotates_adjacent_channel_pairs():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 7, 16), torch.randn(2, 3, 7, 16)
+    got_q, got_k = XPos(16, scale_base=512)(q, k)
+    assert torch.allclose(got_q, _reference_xpos(q, 512, upscale=True), atol=1e-5)
+    assert torch.allclose(got_k, _reference_xpos(k, 512, upscale=False), atol=1e-5)
+    # A vector living in channels 0 and 1 stays there (a halves layout would move it to 8).
+    only_first_pair = torch.zeros(1, 1, 5, 16)
+    only_first_pair[..., 0], only_first_pair[..., 1] = 1.0, 0.5
+    out, _ = XPos(16)(only_first_pair, only_first_pair)
+    assert out[..., 2:].abs().max() == 0 and out[..., :2].abs().sum() > 0
+
+
+def test_input_embeddings_are_scaled_by_sqrt_dim(tiny_model):
+    decoder = tiny_model.mllm.decoder
+    assert decoder.embed_scale == math.sqrt(tiny_model.config.mllm.dim)
+    embeds = torch.randn(1, 6, tiny_model.config.mllm.dim)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    with torch.no_grad():
+        scaled = decoder(embeds, mask)
+        decoder.embed_scale = 1.0
+        try:
+            unscaled = decoder(embeds * math.sqrt(tiny_model.config.mllm.dim), mask)
+        finally:
+            decoder.embed_scale = math.sqrt(tiny_model.config.mllm.dim)
+    assert torch.allclose(scaled, unscaled, atol=1e-5)
+
+
+def test_condition_is_computed_without_the_closing_eos(tiny_model, photos):
+    tok = tiny_model.tokenizer
+    prompt = parse_prompt("a photo of <i> on the beach", [photos[0]])
+    with_eos = tok([prompt])
+    assert with_eos["input_ids"][0, -1] == tok.eos_id
+    without_eos = tok.collate([tok.encode(prompt, add_eos=False)])
+    with torch.no_grad():
+        condition = tiny_model.encode(with_eos)
+        hidden = tiny_model.mllm(without_eos["input_ids"], without_eos["attention_mask"],
+                                 without_eos["image_mask"], without_eos["pixel_values"]).hidden_states
+        expected = tiny_model.aligner.encode(hidden, without_eos["attention_mask"])
+    assert torch.allclose(condition, expected, atol=1e-5)
+
+
+def test_clip_tokens_are_layer_normed_before_the_resampler(tiny_model):
+    """As released: ln_post on every CLIP output token (class + patches), no projection."""
+    vision = tiny_model.mllm.vision
+    with torch.no_grad():
+        pixels = torch.randn(2, 3, 32, 32)
+        tokens = vision(pixels)
+        raw = vision.model(pixel_values=pixels).last_hidden_state
+    assert tokens.shape == raw.shape  # no projection to the joint embedding space
+    assert torch.allclose(tokens, vision.model.post_layernorm(raw), atol=1e-6)
