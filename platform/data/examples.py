@@ -130,9 +130,11 @@ class Preprocessor:
             raise SkipRecord("no_entities")
         segments: list = []
         position = 0
+        # As released: one draw per example decides whether every entity's words are dropped
+        # (the model then sees only the images where the words were), not one draw per entity.
+        drop_text = rng.random() < drop_p
         for start, end, entity in entities[: self.data.max_entity_images]:
-            # Both draws happen for every entity so later choices never shift.
-            drop_text = rng.random() < drop_p
+            # The draw happens for every entity so later choices never shift.
             keep_background = rng.random() < self.data.keep_background_p
             if start < position:
                 continue  # overlaps the previous entity

@@ -68,6 +68,9 @@ class StageConfig:
     storage_path: str | None = None
     register: bool = True
     sample_grid: bool = True  # stage 3: log a grid of sample generations
+    # Presets other than `tiny` refuse random CLIP / Stable Diffusion weights and the bundled
+    # sample shards (hours of compute on them would produce nothing) unless this is set.
+    allow_random: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -99,6 +102,38 @@ class StageConfig:
         for key in ("steps", "batch_size", "num_workers", "checkpoint_every", "log_every"):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f"train.{key} must be at least 1")
+
+
+def missing_real_inputs(cfg: StageConfig) -> list[str]:
+    """What a non-`tiny` run would train on that is random or a toy: one line per setting."""
+    if cfg.model.name == "tiny" or cfg.allow_random:
+        return []
+    problems = []
+    if not cfg.model.mllm.vision.pretrained_path:
+        problems.append("model.mllm.vision.pretrained_path is unset: the CLIP ViT-L/14 image encoder "
+                        "would be random (give a transformers CLIPVisionModel/CLIPModel folder, local or s3://)")
+    if cfg.stage in (2, 3) and not cfg.model.image_decoder.pretrained_path:
+        what = "the CLIP text teacher" if cfg.stage == 2 else "the U-Net and VAE"
+        problems.append(f"model.image_decoder.pretrained_path is unset: {what} of Stable Diffusion v1.5 "
+                        "would be random (give a diffusers folder, local or s3://)")
+    samples = sample_data_root()
+    from kosmos_g.platform.data.datastream import STAGE_SOURCES
+
+    for source in STAGE_SOURCES[cfg.stage]:
+        prefix = getattr(cfg.data, source)
+        if prefix and prefix.rstrip("/").startswith(samples):
+            problems.append(f"data.{source} = {prefix} is the bundled sample set (a few dozen records)")
+    return problems
+
+
+def check_real_inputs(cfg: StageConfig) -> None:
+    """Raise ConfigError naming every random backbone and toy data prefix (see `allow_random`)."""
+    problems = missing_real_inputs(cfg)
+    if problems:
+        raise ConfigError(
+            f"preset {cfg.model.name!r} would train on random weights or sample data:\n  - "
+            + "\n  - ".join(problems) + "\nSet these, or pass --set allow_random=true to run anyway."
+        )
 
 
 def sample_data_root() -> str:
@@ -141,8 +176,11 @@ def _paper(stage: int) -> StageConfig:
     lr = {1: 2e-4, 2: 1e-3, 3: 1e-3}[stage]
     steps = {1: 300_000, 2: 300_000, 3: 200_000}[stage]
     batch = {1: 9, 2: 56, 3: 16}[stage]
+    data = _sample_data()
+    if stage == 3:
+        data.min_image_side = 384  # appendix: images under 384 px are dropped in stage 3
     return StageConfig(
-        stage=stage, name=PIPELINES[stage], model=model_preset("paper"), data=_sample_data(),
+        stage=stage, name=PIPELINES[stage], model=model_preset("paper"), data=data,
         optim=OptimConfig(lr=lr, warmup_steps=375),
         train=TrainConfig(steps=steps, batch_size=batch, num_workers=64, checkpoint_every=1000),
     )

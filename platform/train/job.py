@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -17,8 +18,8 @@ from pathlib import Path
 
 from kosmos_g.platform.stack import cluster
 from kosmos_g.platform import storage, tracking
-from kosmos_g.platform.config import to_dict, to_yaml
-from kosmos_g.platform.train.config import REGISTERED_NAMES, StageConfig, stage_presets
+from kosmos_g.platform.config import ConfigError, to_dict, to_yaml
+from kosmos_g.platform.train.config import REGISTERED_NAMES, check_real_inputs, StageConfig, stage_presets
 from kosmos_g.platform.train.loop import BUNDLE_DIR, train_loop_per_worker
 
 
@@ -159,6 +160,7 @@ def log_sample_grid(run_id: str, bundle: Path) -> None:
 
 def run_stage(cfg: StageConfig) -> StageResult:
     cfg.validate()
+    check_real_inputs(cfg)
     cluster.connect()
     init_uri = resolve_init(cfg)
     run_id, resumed = tracking.start_run(cfg.pipeline, cfg.name, cfg, tags={"stage": str(cfg.stage)})
@@ -200,7 +202,11 @@ def main(stage: int, argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(cfg))
         return 0
-    result = run_stage(cfg)
+    try:
+        result = run_stage(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     print(json.dumps({"run_id": result.run_id, "registered": result.registered,
                       "checkpoint": result.checkpoint_path}), flush=True)
     return 0
