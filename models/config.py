@@ -109,9 +109,14 @@ class ImageDecoderConfig:
 
 @dataclass
 class TokenizerConfig:
-    # SentencePiece `.model`; None = mistral-common's shipped tokenizer.model.v1 (32,000 pieces).
+    # kind "sentencepiece": a SentencePiece `.model`; None = mistral-common's shipped
+    # tokenizer.model.v1 (32,000 pieces) with <image>, </image>, <pad> appended.
     sentencepiece_path: str | None = None
     max_length: int = 2048
+    # kind "official": the released vocabulary (sentencepiece.bpe.model + fairseq dict.txt,
+    # 64,007 ids) from `vocab_dir` (local, or s3:// resolved by the platform before building).
+    kind: str = "sentencepiece"
+    vocab_dir: str | None = None
 
 
 @dataclass
@@ -148,8 +153,18 @@ class ModelConfig:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
 
+# Size of the released dictionary: 4 fairseq specials + 63,997 dict.txt pieces + 6 task symbols.
+OFFICIAL_VOCAB_SIZE = 64_007
+
+
 def _paper() -> ModelConfig:
-    return ModelConfig(name="paper")
+    # The released vocabulary; its folder is the user's to give (tokenizer.vocab_dir). The
+    # embedding size is fixed here so the preset can be counted without the files.
+    return ModelConfig(
+        name="paper",
+        mllm=MLLMConfig(vocab_size=OFFICIAL_VOCAB_SIZE),
+        tokenizer=TokenizerConfig(kind="official"),
+    )
 
 
 def _tiny() -> ModelConfig:

@@ -45,9 +45,12 @@ class KosmosG(nn.Module):
         cfg = copy.deepcopy(cfg)
         cfg.validate()
         meta = device is not None and torch.device(device).type == "meta"
-        tokenizer = InterleavedTokenizer.from_model_config(cfg)
+        # Counting parameters of a preset whose vocabulary files are not at hand (the official
+        # one) needs only its size, which the preset then fixes in mllm.vocab_size.
+        without_vocab = meta and cfg.tokenizer.kind == "official" and not cfg.tokenizer.vocab_dir
+        tokenizer = None if without_vocab and cfg.mllm.vocab_size else InterleavedTokenizer.from_model_config(cfg)
         with torch.device("meta") if meta else contextlib.nullcontext():
-            mllm = MLLM(cfg.mllm, tokenizer.vocab_size, meta=meta)
+            mllm = MLLM(cfg.mllm, tokenizer.vocab_size if tokenizer else cfg.mllm.vocab_size, meta=meta)
             # A loaded CLIP decides the vision architecture; keep the config truthful so
             # checkpoints can rebuild it without the original weights.
             for key, value in mllm.vision.architecture().items():
@@ -56,7 +59,8 @@ class KosmosG(nn.Module):
             if cfg.image_decoder.pretrained_path:
                 for key, value in image_decoder.architecture().items():
                     setattr(cfg.image_decoder, key, value)
-            tokenizer.image_size = cfg.mllm.vision.image_size
+            if tokenizer is not None:
+                tokenizer.image_size = cfg.mllm.vision.image_size
             aligner = AlignerNet(cfg.aligner, cfg.mllm.dim, cfg.image_decoder.condition_length)
         model = cls(cfg, tokenizer, mllm, aligner, image_decoder)
         if device is not None and not meta:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from .config import ModelConfig, TokenizerConfig
 from .images import clip_preprocess, is_image
-from .tokenizers import TextTokenizer
+from .tokenizers import build_text_tokenizer
 
 Segment = Union[str, Image.Image, np.ndarray, torch.Tensor]
 PLACEHOLDER = re.compile(r"<image>|<i>")
@@ -67,7 +67,7 @@ class InterleavedTokenizer:
 
     def __init__(self, config: TokenizerConfig, image_tokens: int = 64, image_size: int = 224):
         self.config = config
-        self.text = TextTokenizer(config.sentencepiece_path)
+        self.text = build_text_tokenizer(config)
         self.max_length = config.max_length
         self.image_tokens = image_tokens
         self.image_size = image_size

@@ -65,6 +65,66 @@ class TextTokenizer:
         return self.sp.decode([i for i in ids if i < self.sp.get_piece_size()])
 
 
+class OfficialTokenizer:
+    """The released Kosmos-G vocabulary: SentencePiece pieces mapped through a fairseq dictionary.
+
+    `vocab_dir` holds the release's `sentencepiece.bpe.model` and `dict.txt`. Ids follow fairseq:
+    <s>=0, <pad>=1, </s>=2, <unk>=3, then dict.txt's entries in file order, then the symbols the
+    released task appends (<mask>, </doc>, <image>, </image>, </chunk>, </line>): 64,007 in all.
+    Text is split into pieces by SentencePiece and each piece is looked up (unknown -> <unk>),
+    so the special symbols can never come out of user text.
+    """
+
+    FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
+    TASK_SYMBOLS = ("<mask>", "</doc>", "<image>", "</image>", "</chunk>", "</line>")
+
+    def __init__(self, vocab_dir: str | Path):
+        root = Path(vocab_dir)
+        model_file, dict_file = root / "sentencepiece.bpe.model", root / "dict.txt"
+        missing = [str(f) for f in (model_file, dict_file) if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"official tokenizer: missing {', '.join(missing)} "
+                                    "(the release's sentencepiece.bpe.model and dict.txt)")
+        self.model_path = model_file
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        self.symbols = list(self.FAIRSEQ_SPECIALS)
+        for number, line in enumerate(dict_file.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            piece = line.rsplit(" ", 1)[0] if " " in line else line
+            if not piece:
+                raise ValueError(f"{dict_file}:{number}: no symbol on this line")
+            self.symbols.append(piece)
+        for symbol in self.TASK_SYMBOLS:
+            if symbol not in self.symbols:  # fairseq's add_symbol keeps an existing id
+                self.symbols.append(symbol)
+        self.index = {}
+        for i, symbol in enumerate(self.symbols):
+            self.index.setdefault(symbol, i)
+        self.bos_id, self.pad_id, self.eos_id, self.unk_id = 0, 1, 2, 3
+        self.boi_id, self.eoi_id = self.index["<image>"], self.index["</image>"]
+        self.vocab_size = len(self.symbols)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.index.get(piece, self.unk_id) for piece in self.sp.encode(text, out_type=str)]
+
+    def decode(self, ids: list[int]) -> str:
+        pieces = [self.symbols[i] for i in ids if 4 <= i < len(self.symbols) and self.symbols[i] not in self.TASK_SYMBOLS]
+        return self.sp.decode_pieces(pieces)
+
+
+def build_text_tokenizer(config) -> "TextTokenizer | OfficialTokenizer":
+    """The MLLM's text tokenizer for a TokenizerConfig (kind "sentencepiece" or "official")."""
+    if config.kind == "official":
+        if not config.vocab_dir:
+            raise ValueError("tokenizer.kind 'official' needs tokenizer.vocab_dir: a folder with the "
+                             "release's sentencepiece.bpe.model and dict.txt")
+        return OfficialTokenizer(config.vocab_dir)
+    if config.kind == "sentencepiece":
+        return TextTokenizer(config.sentencepiece_path)
+    raise ValueError(f"tokenizer.kind must be 'sentencepiece' or 'official', got {config.kind!r}")
+
+
 def _bytes_to_unicode() -> list[str]:
     """CLIP's reversible byte -> printable character table, in vocabulary order."""
     printable = (

@@ -12,6 +12,7 @@ so an example is the same whichever worker builds it and in whatever order.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from typing import Any
@@ -26,6 +27,7 @@ from kosmos_g.models.images import CLIP_MEAN, CLIP_STD, resize_center_crop
 from kosmos_g.models.prompt import InterleavedTokenizer
 from kosmos_g.platform.data import imaging
 from kosmos_g.platform.data.skips import SkipRecord, SkipRecorder
+from kosmos_g.platform.weights import localize
 
 SOURCE_IDS = {"compositional": 0, "editing": 1, "captions": 2}
 
@@ -96,7 +98,7 @@ class Preprocessor:
         if stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
         self.stage, self.data, self.model = stage, data, model
-        self.tokenizer = _LayoutTokenizer.from_model_config(model)
+        self.tokenizer = _LayoutTokenizer.from_model_config(localize(model))
         self.clip_size = model.mllm.vision.image_size
         self.vae_size = model.image_decoder.image_size
         self.skips = SkipRecorder(data.skip_counter)
@@ -212,10 +214,11 @@ class Preprocessor:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(sentencepiece_path: str | None, max_length: int, image_tokens: int, image_size: int) -> InterleavedTokenizer:
+def _tokenizer(tokenizer: tuple, image_tokens: int, image_size: int) -> InterleavedTokenizer:
+    """Cached per (TokenizerConfig fields, layout): collation runs once per batch."""
     from kosmos_g.models.config import TokenizerConfig
 
-    return InterleavedTokenizer(TokenizerConfig(sentencepiece_path, max_length), image_tokens, image_size)
+    return InterleavedTokenizer(TokenizerConfig(*tokenizer), image_tokens, image_size)
 
 
 class StreamCollator(NumpyBatchCollateFn):
@@ -232,9 +235,8 @@ class StreamCollator(NumpyBatchCollateFn):
         self.std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
     def tokenizer(self) -> InterleavedTokenizer:
-        cfg = self.model
-        return _tokenizer(cfg.tokenizer.sentencepiece_path, cfg.tokenizer.max_length,
-                          cfg.mllm.image_tokens, cfg.mllm.vision.image_size)
+        cfg = localize(self.model)
+        return _tokenizer(dataclasses.astuple(cfg.tokenizer), cfg.mllm.image_tokens, cfg.mllm.vision.image_size)
 
     def _clip(self, raw: bytes | None, count: int) -> torch.Tensor:
         size = self.clip_size

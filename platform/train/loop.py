@@ -21,6 +21,7 @@ import torch
 
 from kosmos_g.platform import storage, tracking
 from kosmos_g.platform.config import from_dict
+from kosmos_g.platform.weights import localize
 from kosmos_g.platform.train.config import StageConfig
 
 STATE_FILE = "trainer_state.json"
@@ -41,7 +42,7 @@ def build_model(cfg: StageConfig, init_uri: str | None, device: torch.device):
     if init_uri:
         model = load_model(tracking.resolve_artifacts(init_uri))
     else:
-        model = KosmosG.from_config(cfg.model)
+        model = KosmosG.from_config(localize(cfg.model))
     model.set_stage(cfg.stage)
     return model.to(device).train()
 

@@ -1,0 +1,64 @@
+"""Model inputs that live in object storage become local paths before a model is built.
+
+`models/` only reads local files (it knows nothing of storage). Every place that builds a model
+or its tokenizer from a ModelConfig (training workers, data preprocessing, serving, import)
+first calls `localize(cfg)`: each `s3://` folder (CLIP weights in transformers layout, Stable
+Diffusion in diffusers layout, the official vocabulary) or file (a SentencePiece model, CLIP's
+BPE merges) is copied once into the local cache and the config points at the copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from kosmos_g.models.config import ModelConfig
+from kosmos_g.platform import storage
+
+# (section path, field, is a folder)
+MODEL_PATHS = (
+    (("mllm", "vision"), "pretrained_path", True),
+    (("image_decoder",), "pretrained_path", True),
+    (("image_decoder",), "clip_bpe_path", False),
+    (("tokenizer",), "vocab_dir", True),
+    (("tokenizer",), "sentencepiece_path", False),
+)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("KOSMOS_CACHE_DIR", Path.home() / ".cache" / "kosmos-g"))
+
+
+def local_file(uri: str) -> Path:
+    """A local path holding the object at `uri` (the path itself for local URIs)."""
+    location = storage.parse(uri)
+    if location.scheme == "file":
+        if not os.path.isfile(location.path):
+            raise storage.StorageNotFound(f"no such file: {location.path}")
+        return Path(location.path)
+    target = _cache_root() / "files" / location.bucket / location.path.strip("/")
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, staging = tempfile.mkstemp(dir=target.parent, prefix=".download-")
+    with os.fdopen(fd, "wb") as sink, storage.open_read(uri) as source:
+        shutil.copyfileobj(source, sink, length=1024 * 1024)
+    os.replace(staging, target)
+    return target
+
+
+def localize(cfg: ModelConfig) -> ModelConfig:
+    """A copy of `cfg` whose weight, vocabulary and merges paths are all local."""
+    cfg = copy.deepcopy(cfg)
+    for sections, name, is_dir in MODEL_PATHS:
+        node = cfg
+        for section in sections:
+            node = getattr(node, section)
+        value = getattr(node, name)
+        if value and storage.parse(value).scheme != "file":
+            local = storage.local_dir(value) if is_dir else local_file(value)
+            setattr(node, name, str(local))
+    return cfg
