@@ -54,6 +54,18 @@ def _text_config(cfg: ImageDecoderConfig):
     )
 
 
+def load_clip_tokenizer(config: ImageDecoderConfig):
+    """The CLIP text teacher's tokenizer: the SD folder's `tokenizer/` when it has one, else
+    CLIP's BPE merges (shipped with open-clip-torch unless `clip_bpe_path` is set)."""
+    path = Path(config.pretrained_path) if config.pretrained_path else None
+    tokenizer_dir = path / "tokenizer" if path is not None else None
+    if tokenizer_dir is not None and (tokenizer_dir / "vocab.json").is_file():
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(tokenizer_dir)
+    return build_clip_tokenizer(config.clip_bpe_path, config.condition_length)
+
+
 class ImageDecoder(nn.Module):
     """Holds `unet`, `vae`, `noise_scheduler` (DDPM), `text_encoder`, `clip_tokenizer`; all frozen."""
 
@@ -90,13 +102,7 @@ class ImageDecoder(nn.Module):
                 # As in SD v1.5: DDIM/DPM-Solver derived from this config expect the offset.
                 steps_offset=1,
             )
-        tokenizer_dir = path / "tokenizer" if path is not None else None
-        if tokenizer_dir is not None and (tokenizer_dir / "vocab.json").is_file():
-            from transformers import CLIPTokenizer
-
-            self.clip_tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-        else:
-            self.clip_tokenizer = build_clip_tokenizer(config.clip_bpe_path, config.condition_length)
+        self.clip_tokenizer = load_clip_tokenizer(config)
         self._check_shapes()
         self.requires_grad_(False)
         if not meta:

@@ -71,6 +71,10 @@ class DataConfig:
     stage1_text_only_p: float = 0.5  # stage 1 captions: text alone vs. "<image> caption"
     max_entity_images: int = 10  # entity images per compositional example (later ones stay text)
     min_image_side: int = 0  # stage 3: skip targets whose short side is smaller (paper: 384)
+    # Stage 2 keeps captions the CLIP teacher sees whole (<= 75 tokens between its start and end
+    # tokens) and that are short for the MLLM, as the released loader does (it filters at 85).
+    stage2_max_clip_tokens: int = 75
+    stage2_max_text_tokens: int = 85
     fast_decode: bool = True  # decode JPEGs at a reduced scale when the output is smaller
     shuffle: str = "global"  # "global" (random_shuffle), "blocks" (block order only) or "none"
     preserve_order: bool = True  # deterministic order when iterated by one consumer

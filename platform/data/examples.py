@@ -102,6 +102,7 @@ class Preprocessor:
         self.clip_size = model.mllm.vision.image_size
         self.vae_size = model.image_decoder.image_size
         self.skips = SkipRecorder(data.skip_counter)
+        self.clip_tokenizer = None  # stage 2's caption filter builds it on first use
 
     # ---------------------------------------------------------------- images
 
@@ -152,11 +153,22 @@ class Preprocessor:
         segments.append(caption[position:])
         return segments
 
+    def _check_caption_lengths(self, caption: str) -> None:
+        if len(self.tokenizer.text.encode(caption)) > self.data.stage2_max_text_tokens:
+            raise SkipRecord("caption_too_long", f"over {self.data.stage2_max_text_tokens} MLLM tokens")
+        if self.clip_tokenizer is None:
+            from kosmos_g.models.image_decoder import load_clip_tokenizer
+
+            self.clip_tokenizer = load_clip_tokenizer(localize(self.model).image_decoder)
+        if len(self.clip_tokenizer.tokenize(caption)) > self.data.stage2_max_clip_tokens:
+            raise SkipRecord("caption_too_long_for_clip", f"over {self.data.stage2_max_clip_tokens} CLIP tokens")
+
     def _segments(self, source: str, row: dict, rng: np.random.Generator, info: dict) -> tuple[list, bytes | None, str]:
         """(prompt segments, target pixels or None, caption text) for one record."""
         stage, data = self.stage, self.data
         if stage == 2:
             caption = _text(row, "caption")
+            self._check_caption_lengths(caption)
             return [caption], None, caption
         if source == "captions":
             caption = _text(row, "caption")

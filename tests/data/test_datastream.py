@@ -204,3 +204,17 @@ def test_config_validation(sample_shards):
     only = datastream.stage_sources(3, DataConfig(**sample_shards, weights=(0.0, 2.0, 1.0)))
     assert [name for name, _, _ in only] == ["editing", "captions"]
     assert datastream.epoch_plan({"a": 10, "b": 10}, {"a": 2.0, "b": 1.0}, 0) == {"a": 20, "b": 10}
+
+
+def test_stage2_keeps_captions_the_teacher_sees_whole(tiny_cfg):
+    """As released: stage 2 skips captions over 75 CLIP tokens or too long for the MLLM."""
+    rows = [{"source": "captions", "key": f"k{i}", "draw": 0, "caption": caption}
+            for i, caption in enumerate(["a red circle on a blue background", " ".join(["dog"] * 80),
+                                         " ".join(["cat"] * 40)])]
+    table = pa.Table.from_pylist(rows)
+    preprocess = Preprocessor(2, DataConfig(captions="unused", skip_counter=None), tiny_cfg)
+    kept = preprocess(table).column("key").to_pylist()
+    assert kept == ["k0", "k2"] and preprocess.skips.local == {"caption_too_long_for_clip": 1}
+    strict = Preprocessor(2, DataConfig(captions="unused", skip_counter=None, stage2_max_text_tokens=20), tiny_cfg)
+    assert strict(table).column("key").to_pylist() == ["k0"]
+    assert strict.skips.local["caption_too_long"] == 2
