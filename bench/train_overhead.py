@@ -2,7 +2,7 @@
 single-process PyTorch loop, on the same tiny model and the same data stream,
 measured in one run.
 
-    .venv/bin/python bench/train_overhead.py [--steps 40] [--stage 3]
+    .venv/bin/python bench/train_overhead.py [--steps 40] [--stage 3] [--size tiny|larger] [--set k=v]
 
 Prints steps/s of each (steady state, after the first logged window), their
 ratio, the wall-clock time including start-up, and the fraction of step time
@@ -25,7 +25,13 @@ def prepare_environment(workdir: str) -> None:
     os.environ.setdefault("KOSMOS_STORAGE_ROOT", f"{workdir}/storage")
 
 
-def stage_config(stage: int, steps: int, workers: int):
+# A size where one step takes well over 0.5 s on a 2-core CPU, so per-step overheads are a
+# small share of the step (the tiny model's steps take a few milliseconds).
+LARGER = ["model.mllm.dim=256", "model.mllm.num_layers=4", "model.mllm.num_heads=8", "model.mllm.ffn_dim=1024",
+          "model.mllm.resampler_heads=8", "train.batch_size=8"]
+
+
+def stage_config(stage: int, steps: int, workers: int, overrides: list[str] | None = None):
     from kosmos_g.platform.data.samples import write_sample_shards
     from kosmos_g.platform.train.config import stage_presets
 
@@ -33,7 +39,7 @@ def stage_config(stage: int, steps: int, workers: int):
     cfg = stage_presets(stage).get("tiny", [
         f"train.steps={steps}", f"train.num_workers={workers}", "train.log_every=10",
         f"train.checkpoint_every={steps}", "init=random", "register=false", "sample_grid=false",
-        f"name=bench-{uuid.uuid4().hex[:6]}",
+        f"name=bench-{uuid.uuid4().hex[:6]}", *(overrides or []),
     ])
     cfg.data.captions, cfg.data.compositional, cfg.data.editing = (
         prefixes["captions"], prefixes["compositional"], prefixes["editing"])
@@ -56,8 +62,15 @@ def plain_loop(cfg) -> dict[str, float]:
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
     dataset = training_dataset(cfg.stage, cfg.data, cfg.model)
-    batches = iter(dataset.iter_torch_batches(batch_size=cfg.train.batch_size * cfg.train.num_workers,
-                                              collate_fn=collate_fn(cfg.stage, cfg.model), drop_last=True))
+
+    def endless():
+        # The stream's epoch is finite (samples_per_epoch); pass over it as often as the run
+        # needs, as the Ray Train workers do.
+        while True:
+            yield from dataset.iter_torch_batches(batch_size=cfg.train.batch_size * cfg.train.num_workers,
+                                                  collate_fn=collate_fn(cfg.stage, cfg.model), drop_last=True)
+
+    batches = endless()
     started = time.perf_counter()
     steady_from, waited = None, 0.0
     for step in range(cfg.train.steps):
@@ -99,17 +112,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", type=int, default=3, choices=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--size", choices=["tiny", "larger"], default="tiny",
+                        help="'larger': a wider MLLM so that one step takes >= 0.5 s on 2 cores")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra stage-config overrides (repeatable)")
     args = parser.parse_args(argv)
+    overrides = (LARGER if args.size == "larger" else []) + args.overrides
     with tempfile.TemporaryDirectory(prefix="kosmos-bench-") as workdir:
         prepare_environment(workdir)
         from kosmos_g.platform.stack import cluster
 
         cluster.connect()
-        cfg = stage_config(args.stage, args.steps, args.workers)
+        cfg = stage_config(args.stage, args.steps, args.workers, overrides)
         plain = plain_loop(cfg)
         ray_train = ray_train_loop(cfg)
     global_batch = cfg.train.batch_size * cfg.train.num_workers
-    print(f"stage {args.stage}, tiny model, {args.steps} steps, global batch {global_batch}, "
+    print(f"stage {args.stage}, {args.size} model, {args.steps} steps, global batch {global_batch}, "
           f"{args.workers} Ray Train workers × {cfg.train.cpus_per_worker} CPU, {os.cpu_count()} cores")
     print(f"plain PyTorch loop (1 process):  {plain['steps_per_s']:.2f} steps/s steady, "
           f"{plain['wall_s']:.1f} s wall, data wait {plain['data_wait_fraction']:.0%}")

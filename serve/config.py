@@ -42,6 +42,9 @@ class ModelSource:
 @dataclass
 class Limits:
     max_payload_bytes: int = 32 * 1024 * 1024
+    # An oversized body is read and discarded up to this size so that clients which send
+    # everything before reading (no Expect: 100-continue) still receive the 413.
+    max_discard_bytes: int = 128 * 1024 * 1024
     max_prompt_chars: int = 4000
     max_prompt_images: int = 10  # the original demo accepts up to 10 images
     max_image_bytes: int = 8 * 1024 * 1024

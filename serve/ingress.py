@@ -184,7 +184,7 @@ class Ingress:
         self._authorize(request)
         limits = self.config.limits
         body = await inputs.read_body(request.stream(), request.headers.get("content-length"),
-                                      limits.max_payload_bytes)
+                                      limits.max_payload_bytes, limits.max_discard_bytes)
         raw = await self._parse(request, body)
         accept = request.headers.get("accept", "")
         wants_png = "image/png" in accept and "application/json" not in accept

@@ -34,21 +34,32 @@ class RawRequest:
     control_image: bytes | None = None
 
 
-async def read_body(stream, content_length: str | None, limit: int) -> bytes:
-    """The whole body, refusing (413) anything over `limit` bytes, declared or streamed."""
+async def read_body(stream, content_length: str | None, limit: int, drain_limit: int | None = None) -> bytes:
+    """The whole body, refusing (413) anything over `limit` bytes, declared or streamed.
+
+    Most clients (urllib, requests, many SDKs) send the whole body before they read the
+    answer; a server that answers and closes early makes them see a connection reset instead
+    of the 413. So an oversized body is read and discarded, up to `drain_limit` bytes (default
+    4 x `limit`), before the 413 is raised; only beyond that is the connection given up."""
     too_large = RequestError(413, f"request body over the {limit} byte limit; send fewer or smaller images")
+    drain_limit = max(limit, drain_limit if drain_limit is not None else 4 * limit)
+    declared = None
     if content_length is not None:
         try:
-            if int(content_length) > limit:
-                raise too_large
+            declared = int(content_length)
         except ValueError:
             raise RequestError(400, "invalid Content-Length header") from None
+        if declared > drain_limit:
+            raise too_large  # too big even to discard: answer now
     chunks, size = [], 0
     async for chunk in stream:
         size += len(chunk)
-        if size > limit:
+        if size > drain_limit:
             raise too_large
-        chunks.append(chunk)
+        if size <= limit and (declared is None or declared <= limit):
+            chunks.append(chunk)
+    if size > limit or (declared is not None and declared > limit):
+        raise too_large
     return b"".join(chunks)
 
 

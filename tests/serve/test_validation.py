@@ -78,3 +78,19 @@ def test_service_still_answers_after_bad_input(client, service):
     response = client.post(f"{service}/v1/generate", json={"prompt": "a cat", "steps": STEPS, "seed": 0}, timeout=60)
     assert response.status_code == 200, response.text
     assert client.get(f"{service}/healthz").status_code == 200
+
+
+def test_oversized_body_reaches_a_client_without_expect_continue(service):
+    """urllib sends the whole 40 MB body before reading: it must get the 413, not a reset."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from tests.serve.conftest import API_KEY
+
+    request = urllib.request.Request(f"{service}/v1/generate", data=b"x" * (40 * 1024 * 1024), method="POST",
+                                     headers={"Content-Type": "application/json", "X-API-Key": API_KEY})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=120)
+    assert caught.value.code == 413
+    assert "byte limit" in json.loads(caught.value.read())["detail"]
