@@ -102,11 +102,33 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
 
 
 class RunLogger:
-    """Metrics for one run; a no-op on every rank but 0."""
+    """Metrics for one run; a no-op on every rank but 0.
 
-    def __init__(self, run_id: str | None, rank: int = 0):
+    A training step never waits for the tracking server: `log_metrics` only queues, and a
+    background thread sends the queue in batches every `flush_every_s` seconds (and on
+    `flush()`). A failed send, e.g. while the server restarts, keeps the metrics and retries on
+    the next round, so a restart loses nothing unless more than `max_pending` pile up."""
+
+    BATCH = 1000  # MLflow's log_batch limit on metrics per call
+
+    def __init__(self, run_id: str | None, rank: int = 0, flush_every_s: float = 5.0,
+                 max_pending: int = 200_000):
+        import threading
+
         self.run_id = run_id
         self.enabled = run_id is not None and rank == 0
+        self.flush_every_s = flush_every_s
+        self.max_pending = max_pending
+        self.dropped = 0
+        self._pending: list = []
+        self._lock = threading.Lock()  # guards _pending
+        self._send_lock = threading.Lock()  # one sender at a time, in order
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = None
+        if self.enabled:
+            self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
+            self._thread.start()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -114,8 +136,50 @@ class RunLogger:
         from mlflow.entities import Metric
 
         timestamp = int(time.time() * 1000)
-        batch = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
-        client().log_batch(self.run_id, metrics=batch)
+        with self._lock:
+            self._pending.extend(Metric(key, float(value), timestamp, step) for key, value in metrics.items())
+            overflow = len(self._pending) - self.max_pending
+            if overflow > 0:
+                del self._pending[:overflow]
+                self.dropped += overflow
+
+    def _send_pending(self) -> bool:
+        """Send everything queued; False if the server did not take a batch (kept for later)."""
+        with self._send_lock:
+            while True:
+                with self._lock:
+                    batch = self._pending[: self.BATCH]
+                if not batch:
+                    return True
+                try:
+                    client().log_batch(self.run_id, metrics=batch)
+                except Exception as error:  # noqa: BLE001 - any failure: keep and retry later
+                    print(f"[tracking] metrics not sent yet ({type(error).__name__}); will retry", flush=True)
+                    return False
+                with self._lock:
+                    del self._pending[: len(batch)]
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self.flush_every_s)
+            self._wake.clear()
+            self._send_pending()
+
+    def flush(self, timeout_s: float = 60.0) -> bool:
+        """Send what is queued now, retrying until `timeout_s`; True when nothing is left."""
+        if not self.enabled:
+            return True
+        deadline = time.monotonic() + timeout_s
+        while not self._send_pending():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1.0)
+        return True
+
+    def close(self) -> None:
+        self.flush()
+        self._closed = True
+        self._wake.set()
 
 
 # ------------------------------------------------------------------ registry

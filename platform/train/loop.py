@@ -262,4 +262,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             window.clear()
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             final = step == cfg.train.steps
+            # Metrics up to a checkpoint are on the server before the checkpoint exists, so a
+            # restart from it never leaves a gap in the curves.
+            logger.flush()
             save_checkpoint(engine, step, losses, rank, bundle_model=engine.module if final and rank == 0 else None)
+    logger.close()

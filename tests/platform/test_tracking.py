@@ -1,3 +1,4 @@
+import os
 import uuid
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ def test_run_params_metrics_artifacts_and_resume(stack_env, s3_server, tmp_path)
     assert not resumed
     logger = tracking.RunLogger(run_id, rank=0)
     logger.log_metrics({"loss": 2.0}, step=0)
+    assert logger.flush()
     tracking.RunLogger(run_id, rank=1).log_metrics({"loss": 99.0}, step=0)  # ignored: not rank 0
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / "model.safetensors").write_bytes(b"w" * 1000)
@@ -26,7 +28,9 @@ def test_run_params_metrics_artifacts_and_resume(stack_env, s3_server, tmp_path)
     # A restarted job with the same key continues the same run.
     again, resumed = tracking.start_run("unit", key, Cfg(lr=0.5))
     assert (again, resumed) == (run_id, True)
-    tracking.RunLogger(again).log_metrics({"loss": 1.0}, step=1)
+    resumed_logger = tracking.RunLogger(again)
+    resumed_logger.log_metrics({"loss": 1.0}, step=1)
+    resumed_logger.close()
     tracking.end_run(run_id)
 
     run = tracking.client().get_run(run_id)
@@ -66,3 +70,21 @@ def test_resolve_storage_uri(stack_env, s3_prefix, tmp_path):
     assert (tracking.resolve_artifacts(f"{s3_prefix}/m", tmp_path) / "config.json").exists()
     with pytest.raises(storage.StorageNotFound):
         tracking.resolve_artifacts(str(tmp_path / "absent"))
+
+
+def test_metrics_survive_an_unreachable_server(stack_env, monkeypatch):
+    """log_metrics never blocks on the server; what could not be sent is kept and sent later."""
+    from kosmos_g.platform.stack.services import free_port
+
+    run_id, _ = tracking.start_run("unit", f"retry-{uuid.uuid4().hex[:8]}")
+    real_uri = os.environ["MLFLOW_TRACKING_URI"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    logger = tracking.RunLogger(run_id, flush_every_s=3600)
+    for step in range(3):
+        logger.log_metrics({"loss": float(step)}, step)
+    assert not logger.flush(timeout_s=0)  # the server is down: nothing lost, nothing sent
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", real_uri)  # the server is back
+    logger.close()
+    history = tracking.client().get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(0, 0.0), (1, 1.0), (2, 2.0)]
