@@ -222,7 +222,9 @@ class LocalStack:
             log("nothing running")
             return 0
         pids = [record["pid"] for record in state["services"].values()]
-        stopped = services.stop_processes(pids, state["stack_id"])
+        # Every process of this stack's Ray head is started with its GCS address.
+        stopped = services.stop_processes(pids, state["stack_id"],
+                                          pattern=services.ray_head_pattern(state["ports"]["ray_gcs"]))
         for name in list(state["services"]):
             log(f"{name:10s} stopped")
         state["services"] = {}

@@ -297,17 +297,49 @@ def tagged_processes(stack_id: str) -> list[psutil.Process]:
     return found
 
 
-def stop_processes(pids: list[int], stack_id: str | None, grace: float = 15) -> int:
-    """SIGTERM the recorded pids, then everything still tagged with `stack_id`;
-    SIGKILL what is left after `grace` seconds. Returns how many were stopped."""
+def processes_matching(pattern: str) -> list[psutil.Process]:
+    """Processes with a command-line argument matching the regular expression `pattern` (e.g.
+    a Ray head's GCS address, which every agent and worker of that head is started with)."""
+    import re
+
+    regex = re.compile(pattern)
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and any(regex.search(arg) for arg in process.cmdline()):
+                found.append(process)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def ray_head_pattern(gcs_port: int) -> str:
+    """Matches the `--gcs-address=HOST:PORT` argument of every process of the head on `gcs_port`
+    (HOST is whichever address Ray resolved, loopback or not)."""
+    return rf"^--gcs[-_]address=[^:\s]+:{int(gcs_port)}$"
+
+
+def stop_processes(pids: list[int], stack_id: str | None, grace: float = 15,
+                   pattern: str | None = None) -> int:
+    """SIGTERM the recorded pids with all their descendants, everything tagged with
+    `stack_id` and everything with a command-line argument matching `pattern`; SIGKILL what is
+    left after `grace` seconds. Returns how many were stopped.
+
+    Descendants are collected before anything is signalled: Ray's dashboard and runtime-env
+    agents do not carry the stack's tag and would otherwise be reparented to init and live on;
+    `pattern` catches the ones already orphaned (after a crash or a killed raylet)."""
     targets: dict[int, psutil.Process] = {}
     for pid in pids:
         try:
             process = psutil.Process(pid)
             if stack_id is None or process.environ().get(STACK_ID_VAR) == stack_id:
                 targets[pid] = process
+                for child in process.children(recursive=True):
+                    targets.setdefault(child.pid, child)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
+    for process in processes_matching(pattern) if pattern else []:
+        targets.setdefault(process.pid, process)
     for process in targets.values():
         _signal(process, signal.SIGTERM)
     psutil.wait_procs(list(targets.values()), timeout=grace / 2)

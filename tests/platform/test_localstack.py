@@ -94,8 +94,12 @@ def test_up_status_submit_down(tmp_path):
     finally:
         down = _run("down", *overrides, env=base_env)
     assert down.returncode == 0, down.stderr
-    stack_id = json.loads((state / "stack.json").read_text())["stack_id"]
-    assert services.tagged_processes(stack_id) == []
+    saved_state = json.loads((state / "stack.json").read_text())
+    assert services.tagged_processes(saved_state["stack_id"]) == []
+    # Nothing of the Ray head lives on untagged either (its dashboard and runtime-env agents
+    # used to be reparented to init): no process mentions its GCS address any more.
+    head = services.ray_head_pattern(saved_state["ports"]["ray_gcs"])
+    assert [p.cmdline() for p in services.processes_matching(head)] == []
     status = _run("status", *overrides, env=base_env)
     assert status.returncode == 1 and "stopped" in status.stdout
 
