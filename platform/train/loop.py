@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +46,15 @@ def build_model(cfg: StageConfig, init_uri: str | None, device: torch.device):
         model = KosmosG.from_config(localize(cfg.model))
     model.set_stage(cfg.stage)
     return model.to(device).train()
+
+
+def say(message: str) -> None:
+    """One line in the job log. Ray Train V2 replaces `print` in its workers with a logger call
+    and also tees to the original print when stdout is wrapped, which showed every progress
+    line twice; writing to the process's own stdout shows it once."""
+    stream = sys.__stdout__ or sys.stdout
+    stream.write(message + "\n")
+    stream.flush()
 
 
 def lr_lambda(optim_cfg, total_steps: int):
@@ -179,7 +189,7 @@ def maybe_inject_failure(cfg: StageConfig, step: int, rank: int, marker_uri: str
     if step != cfg.train.fail_at_step or rank != cfg.train.fail_rank or storage.exists(marker_uri):
         return
     storage.write_text(marker_uri, f"worker {rank} killed at step {step}")
-    print(f"[fault injection] rank {rank} exits at step {step}", flush=True)
+    say(f"[fault injection] rank {rank} exits at step {step}")
     os._exit(1)
 
 
@@ -226,7 +236,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine = make_engine(model, cfg, on_gpu)
     step = restore_checkpoint(engine)
     if rank == 0:
-        print(f"[{cfg.pipeline}] starting at step {step}/{cfg.train.steps} on {world_size} worker(s)", flush=True)
+        say(f"[{cfg.pipeline}] starting at step {step}/{cfg.train.steps} on {world_size} worker(s)")
     logger = tracking.RunLogger(loop_config.get("run_id"), rank)
     shard = ray.train.get_dataset_shard("train")
     stream = batches(shard, cfg, loop_config["collate"])
@@ -255,9 +265,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 rates["eval_loss"] = eval_loss(engine.module, eval_batch, cfg)
             logger.log_metrics(rates, step)
             if rank == 0:
-                print(f"[{cfg.pipeline}] step {step}/{cfg.train.steps} loss {sum(window) / len(window):.4f} "
-                      f"samples/s {rates['samples_per_s']:.1f} data-wait {rates['data_wait_fraction']:.0%}",
-                      flush=True)
+                say(f"[{cfg.pipeline}] step {step}/{cfg.train.steps} loss {sum(window) / len(window):.4f} "
+                    f"samples/s {rates['samples_per_s']:.1f} data-wait {rates['data_wait_fraction']:.0%}")
             meter.reset()
             window.clear()
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
