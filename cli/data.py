@@ -1,4 +1,4 @@
-"""`kosmos-g data samples|import-captions|import-edits`: shards in object storage.
+"""`kosmos-g data samples|world|import-captions|import-edits`: shards in object storage.
 
 Shards land under `$KOSMOS_STORAGE_ROOT/datasets/…` by default (the local
 stack's bucket after `eval "$(kosmos-g local env)"`), where the `tiny` training
@@ -25,6 +25,12 @@ def register(subparsers) -> None:
     samples.add_argument("--output", default=None, help="shard prefix (default: $KOSMOS_STORAGE_ROOT/datasets/samples)")
     samples.set_defaults(func=run_samples)
 
+    world = actions.add_parser("world", help="the miniature world's training shards (captions + compositional)")
+    world.add_argument("--out", default=None, help="shard prefix (default: $KOSMOS_STORAGE_ROOT/datasets/world)")
+    world.add_argument("--seed", type=int, default=0)
+    world.add_argument("--n", type=int, default=10_000, help="scenes (held-out colour pairs never occur)")
+    world.set_defaults(func=run_world)
+
     captions = actions.add_parser("import-captions", help="an image-caption table (Parquet/TSV/JSONL) → caption shards")
     captions.add_argument("table", help="table file or prefix; image paths are relative to it")
     captions.add_argument("output", help="shard prefix, e.g. s3://kosmos-g/datasets/my-captions")
@@ -43,6 +49,16 @@ def run_samples(args: argparse.Namespace) -> int:
 
     prefixes = write_sample_shards(args.output or f"{default_root()}/samples")
     print(json.dumps(prefixes, indent=2))
+    return 0
+
+
+def run_world(args: argparse.Namespace) -> int:
+    from kosmos_g.platform.data.world import write_world_shards
+
+    if args.n < 1:
+        print("error: --n must be at least 1")
+        return 2
+    print(json.dumps(write_world_shards(args.out or f"{default_root()}/world", args.seed, args.n), indent=2))
     return 0
 
 
