@@ -228,14 +228,23 @@ def latest_model_uri(name: str) -> str | None:
     return f"models:/{name}/latest" if versions else None
 
 
+def bundle_of(directory: str | os.PathLike) -> Path:
+    """The bundle inside an MLflow model folder (its artifact `bundle`, see
+    platform/mlflow_model.py); the folder itself when it is a bare bundle."""
+    directory = Path(directory)
+    inner = directory / "artifacts" / "bundle"
+    return inner if (directory / "MLmodel").is_file() and inner.is_dir() else directory
+
+
 def resolve_artifacts(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A local directory for `models:/…`, `runs:/…` or a storage URI/path."""
+    """A local directory for `models:/…`, `runs:/…` or a storage URI/path; for a registered
+    MLflow model, the bundle inside it."""
     if uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
         import mlflow
 
         destination = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="kosmos-model-"))
         destination.mkdir(parents=True, exist_ok=True)
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination)))
+        return bundle_of(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination)))
     from kosmos_g.platform import storage
 
-    return storage.local_dir(uri, cache_dir)
+    return bundle_of(storage.local_dir(uri, cache_dir))

@@ -20,6 +20,7 @@ from kosmos_g.platform.stack import cluster
 from kosmos_g.platform import storage, tracking
 from kosmos_g.platform.config import ConfigError, to_dict, to_yaml
 from kosmos_g.platform.train.config import REGISTERED_NAMES, check_real_inputs, StageConfig, stage_presets
+from kosmos_g.platform.mlflow_model import save_pyfunc
 from kosmos_g.platform.train.loop import BUNDLE_DIR, train_loop_per_worker
 
 
@@ -127,7 +128,9 @@ def publish(cfg: StageConfig, run_id: str, checkpoint) -> str | None:
         bundle = Path(directory) / BUNDLE_DIR
         if not bundle.is_dir():
             raise RuntimeError(f"final checkpoint {checkpoint.path} has no {BUNDLE_DIR}/")
-        tracking.log_dir(run_id, bundle, "model")
+        with tempfile.TemporaryDirectory(prefix="kosmos-mlflow-model-") as staging:
+            # A real MLflow model (pyfunc flavour, signature, input example) around the bundle.
+            tracking.log_dir(run_id, save_pyfunc(bundle, Path(staging) / "model"), "model")
         if cfg.stage == 3 and cfg.sample_grid:
             log_sample_grid(run_id, bundle)
     if not cfg.register:
