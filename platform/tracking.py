@@ -186,7 +186,7 @@ class RunLogger:
 
 
 def register_model(run_id: str, artifact_path: str, name: str, alias: str = DEFAULT_ALIAS,
-                   tags: dict[str, str] | None = None) -> str:
+                   tags: dict[str, str] | None = None, description: str | None = None) -> str:
     """Register `<run artifacts>/<artifact_path>` as a new version of `name`,
     point `alias` at it and return the version number."""
     mlflow_client = client()
@@ -199,10 +199,25 @@ def register_model(run_id: str, artifact_path: str, name: str, alias: str = DEFA
             raise
     run = mlflow_client.get_run(run_id)
     source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
-    version = mlflow_client.create_model_version(name, source, run_id=run_id, tags=tags)
+    version = mlflow_client.create_model_version(name, source, run_id=run_id, tags=tags, description=description)
     _wait_until_ready(name, version.version)
     mlflow_client.set_registered_model_alias(name, alias, version.version)
     return version.version
+
+
+def git_commit() -> str:
+    """The checkout's commit (with "-dirty" for local changes), or "unknown" outside git."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
 
 
 def _wait_until_ready(name: str, version: str, timeout: float = 60) -> None:

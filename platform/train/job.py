@@ -135,9 +135,29 @@ def publish(cfg: StageConfig, run_id: str, checkpoint) -> str | None:
             log_sample_grid(run_id, bundle)
     if not cfg.register:
         return None
-    version = tracking.register_model(run_id, "model", cfg.registered_name,
-                                      tags={"stage": str(cfg.stage), "job": cfg.name})
+    tags, description = version_card(cfg, run_id)
+    version = tracking.register_model(run_id, "model", cfg.registered_name, tags=tags, description=description)
+    if cfg.stage == 3 and cfg.sample_grid:
+        # The grid on the version itself: the registry page alone shows what the model draws.
+        tracking.client().set_model_version_tag(cfg.registered_name, version, "sample_grid",
+                                                f"runs:/{run_id}/samples/grid.png")
     return f"{cfg.registered_name}/{version}"
+
+
+def version_card(cfg: StageConfig, run_id: str) -> tuple[dict[str, str], str]:
+    """Tags and description telling, in the registry alone, what trained a version."""
+    from kosmos_g.platform.data.datastream import STAGE_SOURCES
+
+    metrics = tracking.client().get_run(run_id).data.metrics
+    data = {f"data.{source}": getattr(cfg.data, source) or "" for source in STAGE_SOURCES[cfg.stage]}
+    final = {f"final.{key}": f"{metrics[key]:.4g}" for key in ("eval_loss", "loss", "mse", "rec") if key in metrics}
+    tags = {"stage": str(cfg.stage), "job": cfg.name, "preset": cfg.model.name, "steps": str(cfg.train.steps),
+            "init": cfg.init, "git_commit": tracking.git_commit(), **data, **final}
+    sources = ", ".join(f"{key[5:]} from {value}" for key, value in data.items() if value)
+    description = (f"Kosmos-G stage {cfg.stage} ({cfg.pipeline}), preset {cfg.model.name}: {cfg.train.steps} steps "
+                   f"on {sources}; " + (", ".join(f"{k[6:]} {v}" for k, v in final.items()) or "no metrics")
+                   + f". Run {run_id}, commit {tags['git_commit']}.")
+    return tags, description
 
 
 def log_skip_counts(cfg: StageConfig, run_id: str) -> None:

@@ -94,6 +94,12 @@ def test_each_stage_starts_from_the_previous_registration(chain):
         assert tracking.client().get_run(results[stage].run_id).data.params["init"] == "auto"
     align_version = tracking.client().get_model_version(*results[2].registered.split("/"))
     assert align_version.run_id == results[2].run_id
+    # The registry alone says what trained a version.
+    assert align_version.tags["stage"] == "2" and align_version.tags["steps"] == "20"
+    assert align_version.tags["data.captions"].endswith("/captions") and "final.mse" in align_version.tags
+    assert len(align_version.tags["git_commit"]) >= 7 and "stage 2 (align)" in align_version.description
+    instruct_version = tracking.client().get_model_version(*results[3].registered.split("/"))
+    assert instruct_version.tags["sample_grid"] == f"runs:/{results[3].run_id}/samples/grid.png"
     tags = tracking.client().get_run(results[3].run_id).data.tags
     assert tags["stage"] == "3"
 
