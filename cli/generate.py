@@ -2,6 +2,7 @@
 
     kosmos-g generate "a photo of <image> on the beach" --image dog.png -o out.png
     kosmos-g generate "<i> wearing <i>" --image dog.png --image hat.png -n 4 -o dog.png  # dog-0.png ...
+    kosmos-g generate --batch prompts.jsonl --out DIR [--model models:/kosmos-g@current]  # offline, Ray Data
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 def register(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="generate images with a running kosmos-g server",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("prompt", help="text with one <image> (or <i>) placeholder per --image")
+    parser.add_argument("prompt", nargs="?", help="text with one <image> (or <i>) placeholder per --image")
+    parser.add_argument("--batch", metavar="TABLE", default=None,
+                        help="a JSONL/Parquet prompt table: generate offline with pipelines/generate.py")
+    parser.add_argument("--out", default=None, help="with --batch: output prefix (local or s3://)")
+    parser.add_argument("--model", default="models:/kosmos-g@current", help="with --batch: model URI")
     parser.add_argument("--image", action="append", default=[], metavar="FILE",
                         help="image for the next placeholder (repeatable, in order)")
     parser.add_argument("-o", "--output", default="out.png",
@@ -65,7 +70,22 @@ def _outputs(output: str, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
 
 
+def run_batch(args: argparse.Namespace) -> int:
+    if not args.out:
+        print("error: --batch needs --out", file=sys.stderr)
+        return 2
+    from kosmos_g.pipelines.generate import run as generate_batch
+
+    summary = generate_batch(args.batch, args.out, args.model)
+    return 0 if summary["generated"] or summary["already_done"] else 1
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.batch:
+        return run_batch(args)
+    if not args.prompt:
+        print("error: give a prompt, or --batch TABLE --out DIR", file=sys.stderr)
+        return 2
     import requests
 
     try:
