@@ -186,14 +186,19 @@ def write_results(out: str, results: list[dict[str, Any]]) -> str:
 
 
 def run(prompts_uri: str, out: str, model: str, batch_size: int = 4, concurrency: int = 1) -> dict[str, Any]:
-    import ray
-
     from kosmos_g.platform import tracking
     from kosmos_g.platform.stack import cluster
 
     cluster.connect()
-    bundle = str(tracking.resolve_artifacts(model))
-    rows = read_prompts(prompts_uri)
+    return generate_rows(read_prompts(prompts_uri), out, str(tracking.resolve_artifacts(model)),
+                         batch_size, concurrency)
+
+
+def generate_rows(rows: list[dict[str, Any]], out: str, bundle: str, batch_size: int = 4,
+                  concurrency: int = 1) -> dict[str, Any]:
+    """Generate every row whose key has no PNG under `out` yet (see the module docstring)."""
+    import ray
+
     finished = done_keys(out)
     todo = [_row(r) for r in rows if str(r.get("key") or "") not in finished]
     print(f"[generate] {len(rows)} rows, {len(rows) - len(todo)} already done, {len(todo)} to generate", flush=True)

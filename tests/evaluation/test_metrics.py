@@ -17,35 +17,6 @@ def photos() -> list[np.ndarray]:
     return [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
 
 
-@pytest.fixture(scope="module")
-def dino_dir(tmp_path_factory) -> str:
-    from transformers import ViTConfig, ViTModel
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("dino")
-    ViTModel(ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-                       image_size=32, patch_size=8), add_pooling_layer=False).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> str:
-    from transformers import CLIPConfig, CLIPModel
-
-    from kosmos_g.models.tokenizers import build_clip_tokenizer
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("clip")
-    CLIPModel(CLIPConfig(
-        text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37),
-        vision_config=dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-                           image_size=32, patch_size=8),
-        projection_dim=24,
-    )).save_pretrained(path)
-    build_clip_tokenizer().save_pretrained(path)
-    return str(path)
-
-
 def test_identical_images_score_100_and_a_shuffled_pairing_lower(photos, dino_dir, clip_dir):
     dino, clip = DinoScorer(dino_dir), ClipScorer(clip_dir)
     for scores in (dino.pair_scores(photos, photos), clip.image_scores(photos, photos)):
