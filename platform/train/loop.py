@@ -189,6 +189,11 @@ def maybe_inject_failure(cfg: StageConfig, step: int, rank: int, marker_uri: str
     if step != cfg.train.fail_at_step or rank != cfg.train.fail_rank or storage.exists(marker_uri):
         return
     storage.write_text(marker_uri, f"worker {rank} killed at step {step}")
+    # Ray Train registers a reported checkpoint when its controller next polls the workers
+    # (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default); a crash sooner than that after
+    # a checkpoint loses that checkpoint too. The injected crash comes after one poll, so the
+    # tests measure what a failure costs once the last checkpoint is registered.
+    time.sleep(float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")) + 1.0)
     say(f"[fault injection] rank {rank} exits at step {step}")
     os._exit(1)
 

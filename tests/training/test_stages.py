@@ -109,9 +109,12 @@ def test_killed_worker_recovers_from_its_checkpoint(chain):
     assert storage.exists(f"{root}/ray-train/{names[2]}/.fault-injected")
     assert results[2].metrics["step"] == 20
     lr_steps = [m.step for m in tracking.client().get_metric_history(results[2].run_id, "lr")]
-    # Steps 6-7 ran twice (lost since the checkpoint at 5); everything else once.
+    # Steps 6-7 ran twice (lost since the checkpoint at 5): their metrics were logged once or
+    # twice (what the dead worker still had queued is lost with it); steps up to the
+    # checkpoint and after the restart exactly once.
     assert sorted(set(lr_steps)) == list(range(1, 21))
-    assert lr_steps.count(6) == 2 and lr_steps.count(7) == 2 and lr_steps.count(12) == 1
+    assert all(lr_steps.count(step) == 1 for step in (1, 5, 8, 12, 20))
+    assert lr_steps.count(6) in (1, 2) and lr_steps.count(7) in (1, 2)
 
 
 def test_registered_model_matches_trained_weights(chain, tmp_path):
