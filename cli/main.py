@@ -20,6 +20,7 @@ SUBCOMMANDS = [
     ("train", "kosmos_g.cli.train"),
     ("serve", "kosmos_g.cli.serve"),
     ("generate", "kosmos_g.cli.generate"),
+    ("evaluate", "kosmos_g.cli.evaluate"),
 ]
 
 

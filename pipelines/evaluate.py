@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,7 +131,7 @@ def run(cfg: EvalConfig) -> dict[str, float]:
     from kosmos_g.platform.stack import cluster
 
     if not (cfg.subjects and cfg.dino and cfg.clip):
-        raise SystemExit("error: --set subjects=… dino=… clip=… are required (folders, local or s3://)")
+        raise ValueError("--subjects, --dino and --clip are required (folders, local or s3://)")
     cluster.connect()
     out = cfg.out or (os.environ.get("KOSMOS_STORAGE_ROOT") or os.path.abspath(".kosmos/storage")) + f"/eval/{cfg.name}"
     run_id, _ = tracking.start_run("evaluate", cfg.name, cfg, tags={"benchmark": "dreambench"})
@@ -176,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(to_yaml(cfg))
         return 0
-    run(cfg)
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
