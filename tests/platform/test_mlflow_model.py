@@ -54,3 +54,50 @@ def test_registered_version_loads_with_pyfunc_and_predicts(stack_env, tmp_path, 
     # The bundle inside the MLflow model still loads directly.
     local = tracking.resolve_artifacts(f"models:/{name}/1", tmp_path / "download")
     assert (local / "config.json").is_file() and local.name == "bundle"
+
+    # And MLflow's own scoring server answers /invocations with it.
+    _serve_and_invoke(f"models:/{name}@{tracking.DEFAULT_ALIAS}", frame.iloc[1:2], out["image"][1])
+
+
+def _serve_and_invoke(model_uri: str, frame: pd.DataFrame, expected: str) -> None:
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import requests
+
+    from kosmos_g.platform.stack.services import free_port
+
+    port = free_port()
+    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
+    server = subprocess.Popen([mlflow_cli, "models", "serve", "-m", model_uri, "--env-manager", "local",
+                               "--host", "127.0.0.1", "-p", str(port), "--workers", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                              # as for a user with the venv activated: MLflow runs `uvicorn` from PATH
+                              env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None, server.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "mlflow models serve did not come up"
+            time.sleep(1)
+        body = {"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}
+        response = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        predictions = response.json()["predictions"]
+        assert predictions[0]["image"] == expected  # same seed, same image as in-process
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
