@@ -209,18 +209,23 @@ class Throughput:
 
     def reset(self):
         self.started = time.perf_counter()
-        self.samples = self.tokens = 0
+        self.samples = self.tokens = self.steps = 0
         self.data_wait = 0.0
 
     def add(self, batch: dict[str, Any], waited: float) -> None:
         self.samples += int(batch["input_ids"].shape[0])
         self.tokens += int(batch["attention_mask"].sum())
+        self.steps += 1
         self.data_wait += waited
 
     def metrics(self, world_size: int) -> dict[str, float]:
+        """Rates over the window, scaled to all workers (ranks see equal batches)."""
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         return {"samples_per_s": self.samples * world_size / elapsed,
                 "tokens_per_s": self.tokens * world_size / elapsed,
+                # Real (non-pad) tokens in one optimiser step of the whole job: the paper's
+                # stage-1 batch is ~1.2M tokens.
+                "tokens_per_step": self.tokens * world_size / max(1, self.steps),
                 "data_wait_fraction": self.data_wait / elapsed}
 
 

@@ -82,7 +82,8 @@ def test_instruct_loss_below_start_and_registers_servable_model(chain):
     assert history[-1][1] < history[0][1], history
     assert results[3].registered.startswith("kosmos-g/")
     metrics = tracking.client().get_run(results[3].run_id).data.metrics
-    for key in ("samples_per_s", "tokens_per_s", "lr", "data_wait_fraction", "loss", "data_skipped_total"):
+    for key in ("samples_per_s", "tokens_per_s", "tokens_per_step", "lr", "data_wait_fraction", "loss",
+                "data_skipped_total"):
         assert key in metrics
     artifacts = [a.path for a in tracking.client().list_artifacts(results[3].run_id, "samples")]
     assert artifacts == ["samples/grid.png"]
