@@ -232,7 +232,7 @@ def run(cfg: ConstructConfig) -> dict[str, float]:
             num_cpus=cfg.resources.task_cpus)
         metrics = summarize(manifest, manifest.stats.get("skipped", {}), cfg.output, time.monotonic() - started)
         if run_id:
-            tracking.RunLogger(run_id).log_metrics(metrics, step=0)
+            tracking.log_metrics(run_id, metrics, step=0)
             tracking.log_text(run_id, manifest.to_json(), "manifest.json")
             tracking.end_run(run_id)
     except BaseException:

@@ -146,9 +146,7 @@ def run(cfg: EvalConfig) -> dict[str, float]:
     scores = [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()} for row in scored.iter_rows()]
     metrics, table = summarise(scores)
     metrics["dreambench_images"] = float(len(scores))
-    logger = tracking.RunLogger(run_id)
-    logger.log_metrics(metrics, 0)
-    logger.close()
+    tracking.log_metrics(run_id, metrics, 0)
     with tempfile.TemporaryDirectory() as staging:
         path = os.path.join(staging, "subjects.csv")
         with open(path, "w") as handle:

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if os.environ.get("MLFLOW_TRACKING_URI"):
         run_id, _ = tracking.start_run("smoke", f"smoke-{int(time.time())}")
-        tracking.RunLogger(run_id).log_metrics({"tasks": len(results), "seconds": time.monotonic() - started}, 0)
+        tracking.log_metrics(run_id, {"tasks": len(results), "seconds": time.monotonic() - started}, 0)
         tracking.log_text(run_id, json.dumps(results, indent=2), "results.json")
         tracking.end_run(run_id)
         print(f"logged MLflow run {run_id}", flush=True)

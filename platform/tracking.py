@@ -101,6 +101,15 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
     client().set_terminated(run_id, status=status)
 
 
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log a few metrics now, blocking: for drivers' one-off summaries (training steps use
+    RunLogger, which never blocks)."""
+    from mlflow.entities import Metric
+
+    timestamp = int(time.time() * 1000)
+    client().log_batch(run_id, metrics=[Metric(k, float(v), timestamp, step) for k, v in metrics.items()])
+
+
 class RunLogger:
     """Metrics for one run; a no-op on every rank but 0.
 

@@ -165,8 +165,8 @@ def log_skip_counts(cfg: StageConfig, run_id: str) -> None:
     from kosmos_g.platform.data.datastream import skip_counts
 
     counts = skip_counts(cfg.data)
-    tracking.RunLogger(run_id).log_metrics(
-        {"data_skipped_total": sum(counts.values()), **{f"data_skipped_{k}": v for k, v in counts.items()}},
+    tracking.log_metrics(
+        run_id, {"data_skipped_total": sum(counts.values()), **{f"data_skipped_{k}": v for k, v in counts.items()}},
         cfg.train.steps)
     if counts:
         print(f"[{cfg.pipeline}] data records skipped: {counts}", flush=True)
@@ -202,7 +202,7 @@ def run_stage(cfg: StageConfig) -> StageResult:
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise
-    tracking.RunLogger(run_id).log_metrics({"wall_clock_s": time.monotonic() - started}, cfg.train.steps)
+    tracking.log_metrics(run_id, {"wall_clock_s": time.monotonic() - started}, cfg.train.steps)
     tracking.end_run(run_id)
     print(f"[{cfg.pipeline}] done: registered {registered}; run {run_id}", flush=True)
     return StageResult(run_id, checkpoint_uri(cfg, result.checkpoint), registered, dict(result.metrics or {}))
