@@ -19,7 +19,7 @@ from typing import Any
 
 import mlflow.pyfunc
 
-BUNDLE_ARTIFACT = "bundle"
+from kosmos_g.platform.tracking import BUNDLE_ARTIFACT
 # Optional per-row sampler fields and their defaults (the demo's, at a CPU-friendly size).
 SAMPLER_FIELDS = {"negative_prompt": None, "steps": 20, "guidance_scale": 6.0, "scheduler": "dpm++",
                   "seed": None, "height": None, "width": None}

@@ -101,13 +101,17 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
     client().set_terminated(run_id, status=status)
 
 
-def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-    """Log a few metrics now, blocking: for drivers' one-off summaries (training steps use
-    RunLogger, which never blocks)."""
+def _metric_batch(metrics: dict[str, float], step: int) -> list:
     from mlflow.entities import Metric
 
     timestamp = int(time.time() * 1000)
-    client().log_batch(run_id, metrics=[Metric(k, float(v), timestamp, step) for k, v in metrics.items()])
+    return [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log a few metrics now, blocking: for drivers' one-off summaries (training steps use
+    RunLogger, which never blocks)."""
+    client().log_batch(run_id, metrics=_metric_batch(metrics, step))
 
 
 class RunLogger:
@@ -142,11 +146,9 @@ class RunLogger:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
-        from mlflow.entities import Metric
-
-        timestamp = int(time.time() * 1000)
+        batch = _metric_batch(metrics, step)
         with self._lock:
-            self._pending.extend(Metric(key, float(value), timestamp, step) for key, value in metrics.items())
+            self._pending.extend(batch)
             overflow = len(self._pending) - self.max_pending
             if overflow > 0:
                 del self._pending[:overflow]
@@ -252,11 +254,14 @@ def latest_model_uri(name: str) -> str | None:
     return f"models:/{name}/latest" if versions else None
 
 
+BUNDLE_ARTIFACT = "bundle"  # the registered MLflow model's artifact holding our bundle
+
+
 def bundle_of(directory: str | os.PathLike) -> Path:
-    """The bundle inside an MLflow model folder (its artifact `bundle`, see
-    platform/mlflow_model.py); the folder itself when it is a bare bundle."""
+    """The bundle inside an MLflow model folder (see platform/mlflow_model.py); the folder
+    itself when it is a bare bundle."""
     directory = Path(directory)
-    inner = directory / "artifacts" / "bundle"
+    inner = directory / "artifacts" / BUNDLE_ARTIFACT
     return inner if (directory / "MLmodel").is_file() and inner.is_dir() else directory
 
 
