@@ -171,7 +171,8 @@ def _tiny(stage: int) -> StageConfig:
 
 def _paper(stage: int) -> StageConfig:
     """Appendix A. Per-worker batch sizes assume 64 GPUs as in the released scripts:
-    stage 1 ≈ 1.2M tokens (64 × 9 × 2,048), stage 2 3,584 sentences (64 × 56),
+    stage 1 64 × 9 sequences (≈ 1.2M tokens once packed to 2,048 tokens; packing is not
+    implemented yet), stage 2 3,584 sentences (64 × 56),
     stage 3 1,024 images (64 × 16)."""
     lr = {1: 2e-4, 2: 1e-3, 3: 1e-3}[stage]
     steps = {1: 300_000, 2: 300_000, 3: 200_000}[stage]
