@@ -10,9 +10,11 @@ request with `serve.multiplexed` (Serve routes a request to a replica that has i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import threading
 import time
+import uuid
 from collections import defaultdict
 
 from ray import serve
@@ -106,12 +108,38 @@ class Denoiser:
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_s)
         self.coalescer = Coalescer(self._run, max_batch_size)
         self.stats = BatchStats()
+        # progress_id -> on_step callback of a streaming request waiting in this replica.
+        self.step_listeners: dict = {}
 
     async def generate(self, request: DenoiseRequest) -> DenoiseResult:
         result = await self.generate_batch((request, time.perf_counter()))
         if isinstance(result, BaseException):
             raise result
         return result
+
+    async def generate_stream(self, request: DenoiseRequest):
+        """`generate`, yielding {"step": done, "steps": total} after every denoising step and
+        then the DenoiseResult (call with `handle.options(stream=True)`)."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        progress_id = uuid.uuid4().hex
+        self.step_listeners[progress_id] = lambda done, total: loop.call_soon_threadsafe(
+            events.put_nowait, {"step": done, "steps": total})
+        work = asyncio.ensure_future(self.generate(dataclasses.replace(request, progress_id=progress_id)))
+        try:
+            while not work.done():
+                waiter = asyncio.ensure_future(events.get())
+                await asyncio.wait([work, waiter], return_when=asyncio.FIRST_COMPLETED)
+                if waiter.done():
+                    yield waiter.result()
+                else:
+                    waiter.cancel()
+            while not events.empty():
+                yield events.get_nowait()
+            yield work.result()
+        finally:
+            self.step_listeners.pop(progress_id, None)
+            work.cancel()
 
     @serve.multiplexed(max_num_models_per_replica=MAX_ADAPTERS_PER_REPLICA)
     async def get_adapter(self, name: str) -> _LoadedAdapter:
@@ -204,7 +232,8 @@ class Denoiser:
             cond=torch.from_numpy(cond.cond), uncond=torch.from_numpy(cond.uncond),
             num_images=request.num_images, steps=request.steps, guidance_scale=request.guidance_scale,
             scheduler=request.scheduler, seed=request.seed, height=request.height or native,
-            width=request.width or native, control=control, control_scale=request.control_scale)
+            width=request.width or native, control=control, control_scale=request.control_scale,
+            on_step=self.step_listeners.get(request.progress_id))
 
     def info(self) -> dict:
         import torch

@@ -14,10 +14,11 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
@@ -95,19 +96,32 @@ def _request_error(error: BaseException) -> RequestError | None:
     return None
 
 
-async def _answer(work) -> Response | dict:
+def _detail_body(status: int, message: str) -> dict:
+    return {"detail": message}
+
+
+def _error_response(error: BaseException, body=_detail_body) -> JSONResponse:
+    """Request problems become their 4xx; anything else a logged 5xx (never a traceback)."""
+    problem = _request_error(error)
+    if problem is not None:
+        headers = {"WWW-Authenticate": "Bearer"} if problem.status == 401 else None
+        return JSONResponse(body(problem.status, problem.message), status_code=problem.status, headers=headers)
+    log.exception("request failed", exc_info=error)
+    status = 503 if type(error).__name__ in ("ActorDiedError", "RayActorError", "ActorUnavailableError") else 500
+    return JSONResponse(body(status, "internal error; the request was not completed, please retry"),
+                        status_code=status)
+
+
+async def _answer(work, body=_detail_body) -> Response | dict:
     """Run a handler; map request problems to 4xx and anything else to a logged 5xx."""
     try:
         return await work
     except Exception as error:
-        problem = _request_error(error)
-        if problem is not None:
-            headers = {"WWW-Authenticate": "Bearer"} if problem.status == 401 else None
-            return JSONResponse({"detail": problem.message}, status_code=problem.status, headers=headers)
-        log.exception("request failed")
-        status = 503 if type(error).__name__ in ("ActorDiedError", "RayActorError", "ActorUnavailableError") else 500
-        return JSONResponse({"detail": "internal error; the request was not completed, please retry"},
-                            status_code=status)
+        return _error_response(error, body)
+
+
+def _sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
 def _openapi() -> dict:
@@ -137,6 +151,7 @@ class Ingress:
         self.config = config
         self.model_label = model_label
         self.api_key = _api_key(config.http.api_key)
+        self.playground_html = (Path(__file__).parent / "playground.html").read_text(encoding="utf-8")
         # The prompt parser imports torch: pay for that now, not in the first request.
         import kosmos_g.models.prompt  # noqa: F401
 
@@ -157,6 +172,34 @@ class Ingress:
                                "description": "JSON, or the PNG itself for one image"}, **_ERRORS})
     async def generate(self, request: Request):
         return await _answer(self._generate(request))
+
+    @api.post("/v1/generate/stream", summary="generate images, with progress as server-sent events",
+              openapi_extra=_GENERATE_DOC,
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "events `stage`, `step` ({step, steps}) and finally `result` "
+                                              "(the /v1/generate JSON) or `error` ({status, detail})"},
+                         **_ERRORS})
+    async def generate_stream(self, request: Request):
+        started = time.perf_counter()
+        job = await _answer(self._checked_job(request))
+        if isinstance(job, Response):  # the request itself was refused: a plain 4xx
+            return job
+        if job.response_format == "png":
+            return JSONResponse({"detail": "response_format: the stream sends JSON events; leave it out"},
+                                status_code=400)
+        return StreamingResponse(self._events(job, started), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @api.post("/v1/images/generations", summary="OpenAI-style image generation (see serve/compat.py)",
+              responses={200: {"description": "{created, data: [{b64_json}], seed, model, timings}"}})
+    async def images_generations(self, request: Request):
+        from kosmos_g.serve.compat import error_body
+
+        return await _answer(self._openai_images(request), error_body)
+
+    @api.get("/", summary="the web playground", response_class=HTMLResponse)
+    async def playground(self) -> HTMLResponse:
+        return HTMLResponse(self.playground_html)
 
     # ------------------------------------------------------------------ handlers
     async def _models(self, request: Request) -> dict:
@@ -181,45 +224,97 @@ class Ingress:
 
     async def _generate(self, request: Request) -> Response:
         started = time.perf_counter()
+        job = await self._checked_job(request)
+        payload, result = await self._run_job(job, started)
+        if job.response_format == "png":
+            return Response(result.images[0], media_type="image/png", headers={
+                "X-Kosmos-Seed": str(job.seed), "X-Kosmos-Model": self.model_label,
+                "X-Kosmos-Timings": json.dumps(payload.timings), "X-Kosmos-Batching": json.dumps(payload.batching),
+                "Server-Timing": ", ".join(f"{k[:-2]};dur={v * 1000:.1f}" for k, v in payload.timings.items()),
+            })
+        return JSONResponse(payload.model_dump())
+
+    async def _events(self, job: Job, started: float):
+        """Server-sent events of one generation: stage, step (one per denoising step), then
+        result (the /v1/generate JSON) or error ({status, detail})."""
+        marks = {"started": started, "checked": time.perf_counter()}
+        try:
+            yield _sse("stage", {"stage": "encoding"})
+            conditioning = await self.encoder.encode.remote(EncodeRequest(job.segments, job.negative_prompt))
+            marks["encoded"] = time.perf_counter()
+            yield _sse("stage", {"stage": "denoising", "steps": job.steps})
+            result = None
+            stream = self._denoiser_for(job).options(stream=True).generate_stream.remote(
+                _denoise_request(job, conditioning))
+            async for item in stream:
+                if isinstance(item, dict):
+                    yield _sse("step", item)
+                else:
+                    result = item
+            marks["done"] = time.perf_counter()
+            yield _sse("result", self._payload(job, conditioning, result, marks).model_dump())
+        except Exception as error:
+            response = _error_response(error)
+            yield _sse("error", {"status": response.status_code, **json.loads(response.body)})
+
+    async def _openai_images(self, request: Request) -> dict:
+        from kosmos_g.serve import compat
+
+        started = time.perf_counter()
         self._authorize(request)
-        limits = self.config.limits
-        body = await inputs.read_body(request.stream(), request.headers.get("content-length"),
-                                      limits.max_payload_bytes, limits.max_discard_bytes)
-        raw = await self._parse(request, body)
+        body = await self._read_body(request)
+        try:
+            openai_request = compat.ImagesGenerationsRequest.model_validate(inputs.parse_json(body).fields)
+        except ValidationError as error:
+            raise RequestError(422, _describe(error)) from None
+        fields = compat.generate_fields(openai_request, self.model_label)
+        job = await asyncio.to_thread(self._check, inputs.RawRequest(fields=fields), False)
+        payload, _ = await self._run_job(job, started)
+        return compat.images_response(payload, int(time.time()))
+
+    # ------------------------------------------------------------------ helpers
+    async def _checked_job(self, request: Request) -> Job:
+        """Authorize, read (size-bounded), parse and check one generation request."""
+        self._authorize(request)
+        raw = await self._parse(request, await self._read_body(request))
         accept = request.headers.get("accept", "")
         wants_png = "image/png" in accept and "application/json" not in accept
-        job = await asyncio.to_thread(self._check, raw, wants_png)
-        checked = time.perf_counter()
+        return await asyncio.to_thread(self._check, raw, wants_png)
+
+    async def _read_body(self, request: Request) -> bytes:
+        limits = self.config.limits
+        return await inputs.read_body(request.stream(), request.headers.get("content-length"),
+                                      limits.max_payload_bytes, limits.max_discard_bytes)
+
+    async def _run_job(self, job: Job, started: float) -> tuple[GenerateResponse, object]:
+        """Encode, then denoise: the response payload and the denoiser's result."""
+        marks = {"started": started, "checked": time.perf_counter()}
         conditioning = await self.encoder.encode.remote(EncodeRequest(job.segments, job.negative_prompt))
-        encoded = time.perf_counter()
-        handle = self.denoiser.options(multiplexed_model_id=job.adapter) if job.adapter else self.denoiser
-        result = await handle.generate.remote(_denoise_request(job, conditioning))
-        done = time.perf_counter()
+        marks["encoded"] = time.perf_counter()
+        result = await self._denoiser_for(job).generate.remote(_denoise_request(job, conditioning))
+        marks["done"] = time.perf_counter()
+        return self._payload(job, conditioning, result, marks), result
+
+    def _denoiser_for(self, job: Job):
+        return self.denoiser.options(multiplexed_model_id=job.adapter) if job.adapter else self.denoiser
+
+    def _payload(self, job: Job, conditioning, result, marks: dict) -> GenerateResponse:
         timings = {
-            "parse_s": checked - started, "encode_s": encoded - checked,
+            "parse_s": marks["checked"] - marks["started"], "encode_s": marks["encoded"] - marks["checked"],
             "encoder_compute_s": conditioning.compute_s, "denoiser_queue_s": result.queue_s,
             "denoise_s": result.denoise_s, "vae_decode_s": result.decode_s,
-            "denoiser_total_s": done - encoded, "total_s": done - started,
+            "denoiser_total_s": marks["done"] - marks["encoded"], "total_s": marks["done"] - marks["started"],
         }
-        timings = {k: round(v, 4) for k, v in timings.items()}
         batching = {
             "encoder_batch_size": conditioning.batch_size, "denoiser_batch_size": result.batch_size,
             "shared_unet_requests": result.group_size, "cache_hits": conditioning.cache_hits,
             "cache_misses": conditioning.cache_misses,
         }
-        if job.response_format == "png":
-            return Response(result.images[0], media_type="image/png", headers={
-                "X-Kosmos-Seed": str(job.seed), "X-Kosmos-Model": self.model_label,
-                "X-Kosmos-Timings": json.dumps(timings), "X-Kosmos-Batching": json.dumps(batching),
-                "Server-Timing": ", ".join(f"{k[:-2]};dur={v * 1000:.1f}" for k, v in timings.items()),
-            })
-        payload = GenerateResponse(
+        return GenerateResponse(
             images=[{"png_base64": base64.b64encode(png).decode("ascii")} for png in result.images],
             seed=job.seed, width=result.width, height=result.height, model=self.model_label,
-            timings=timings, batching=batching)
-        return JSONResponse(payload.model_dump())
+            timings={k: round(v, 4) for k, v in timings.items()}, batching=batching)
 
-    # ------------------------------------------------------------------ helpers
     def _authorize(self, request: Request) -> None:
         key = self.api_key
         if not key:

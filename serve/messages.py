@@ -77,6 +77,8 @@ class DenoiseRequest:
     control_image: bytes | None = None
     control_scale: float = 1.0
     adapter: str | None = None
+    # Set by Denoiser.generate_stream: the replica reports this request's steps under it.
+    progress_id: str | None = None
 
 
 @dataclass

@@ -14,6 +14,7 @@ Plain PyTorch/diffusers on the frozen ImageDecoder; the Ray deployment is serve/
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -38,6 +39,8 @@ class SampleJob:
     width: int
     control: Image.Image | None = None
     control_scale: float = 1.0
+    # Called as on_step(done, total) after each denoising step (from the compute thread).
+    on_step: Callable[[int, int], None] | None = None
 
 
 def group_key(job: SampleJob) -> tuple:
@@ -99,13 +102,17 @@ class Sampler:
         guidance = guidance.repeat_interleave(torch.tensor(counts, device=device)).view(-1, 1, 1, 1)
         control = self._control_rows(jobs, counts, device, dtype) if first.control is not None else None
         step_kwargs = [self._step_kwargs(s, g) for s, g in zip(schedulers, generators)]
-        for t in schedulers[0].timesteps:
+        timesteps = schedulers[0].timesteps
+        for done, t in enumerate(timesteps, start=1):
             scaled = torch.cat([s.scale_model_input(x, t) for s, x in zip(schedulers, latents)])
             noise = self._guided_noise(torch.cat([scaled, scaled]), t, hidden, guidance, control)
             latents = [
                 s.step(eps, t, x, return_dict=False, **kw)[0]
                 for s, eps, x, kw in zip(schedulers, noise.split(counts), latents, step_kwargs)
             ]
+            for job in jobs:
+                if job.on_step is not None:
+                    job.on_step(done, len(timesteps))
         return latents
 
     def _initial_latents(self, job: SampleJob, generator: torch.Generator, scheduler) -> torch.Tensor:

@@ -21,6 +21,18 @@ fi
 # dependencies (torchvision) do not import beside the CPU torch, so skip them.
 .venv/bin/python -m pip install --quiet --no-deps "open-clip-torch==3.3.0"
 
+# Headless Chromium + chromedriver for the playground's browser test (Debian packages;
+# Selenium drives the system browser, nothing is downloaded at test time).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing chromium and chromium-driver (apt-get) for the browser test"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "note: chromium/chromedriver missing and not root: the playground browser test will be skipped" >&2
+  fi
+fi
+
 .venv/bin/python - <<'PY'
 import importlib.metadata as metadata
 import platform
