@@ -40,6 +40,44 @@ def _parse_exports(text: str) -> dict[str, str]:
     return env
 
 
+def _serve_deploy_the_shipped_config(tmp_path, env):
+    """`serve deploy infra/serve/kosmos-g.yaml` onto the stack (only the port changed, as a user
+    on a busy machine would), answered over HTTP, then `serve shutdown`."""
+    import time
+
+    import requests
+    import yaml
+
+    config = yaml.safe_load((REPO_ROOT / "infra/serve/kosmos-g.yaml").read_text())
+    port = services.free_port()
+    config["http_options"]["port"] = port
+    path = tmp_path / "kosmos-g.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve_cli = str(Path(sys.executable).parent / "serve")
+    address = ["--address", env["RAY_ADDRESS"]]
+    deploy = subprocess.run([serve_cli, "deploy", str(path), *address], capture_output=True, text=True,
+                            timeout=300, cwd=REPO_ROOT, env=env)
+    assert deploy.returncode == 0, deploy.stdout[-2000:] + deploy.stderr[-2000:]
+    try:
+        deadline, answer = time.monotonic() + 240, None
+        while time.monotonic() < deadline:
+            try:
+                answer = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+                if answer.status_code == 200:
+                    break
+            except requests.RequestException:  # the proxy is up before the app
+                pass
+            time.sleep(2)
+        assert answer is not None and answer.status_code == 200, "the deployed app never answered /healthz"
+        assert answer.json()["status"] == "ok"
+        page = requests.get(f"http://127.0.0.1:{port}/", timeout=30)
+        assert page.status_code == 200 and "Kosmos-G playground" in page.text
+    finally:
+        shutdown = subprocess.run([serve_cli, "shutdown", "--yes", *address], capture_output=True, text=True,
+                                  timeout=300, cwd=REPO_ROOT, env=env)
+    assert shutdown.returncode == 0, shutdown.stderr[-2000:]
+
+
 def test_up_status_submit_down(tmp_path):
     state = tmp_path / "state"
     overrides = ["--state-dir", str(state)]
@@ -85,6 +123,8 @@ def test_up_status_submit_down(tmp_path):
             for k, v in saved.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
             storage._s3_client_for.cache_clear()
+
+        _serve_deploy_the_shipped_config(tmp_path, {**base_env, **exported})
 
         # Without the token the job server refuses the client.
         no_token = {**base_env, "RAY_ADDRESS": exported["RAY_ADDRESS"]}
