@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from kosmos_g.platform.config import Presets
+from kosmos_g.platform.progress import Progress
 
 
 @dataclass
@@ -143,7 +144,11 @@ def run(cfg: EvalConfig) -> dict[str, float]:
               for key, target in targets.items() if storage.exists(storage.join(out, "images", f"{key}.png"))]
     scored = ray.data.from_items(images).map_batches(
         Scorer, fn_constructor_args=(cfg.dino, cfg.clip), batch_size=16, concurrency=1, num_cpus=0.5)
-    scores = [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()} for row in scored.iter_rows()]
+    scores = []
+    with Progress("evaluate: scoring", total=len(images), unit="images", stream=sys.stdout) as progress:
+        for row in scored.iter_rows():
+            scores.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
+            progress.update()
     metrics, table = summarise(scores)
     metrics["dreambench_images"] = float(len(scores))
     tracking.log_metrics(run_id, metrics, 0)

@@ -18,10 +18,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 import time
 from typing import Any
 
 import numpy as np
+
+from kosmos_g.platform.progress import Progress
 
 DEFAULTS = {"negative_prompt": None, "seed": 0, "steps": 20, "guidance_scale": 6.0, "scheduler": "dpm++"}
 
@@ -210,10 +213,10 @@ def generate_rows(rows: list[dict[str, Any]], out: str, bundle: str, batch_size:
                             concurrency=concurrency, **options)
         ds = ds.map_batches(ImageDenoiser, fn_constructor_args=(bundle, out), batch_size=batch_size,
                             concurrency=concurrency, **options)
-        for row in ds.iter_rows():
-            results.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
-            if len(results) % 10 == 0:
-                print(f"[generate] {len(results)}/{len(todo)} rows", flush=True)
+        with Progress("generate", total=len(todo), unit="rows", stream=sys.stdout) as progress:
+            for row in ds.iter_rows():
+                results.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
+                progress.update()
     generated = [r for r in results if not r["error"]]
     skipped = [r for r in results if r["error"]]
     for row in skipped:

@@ -209,10 +209,13 @@ def write_table(uri: str, table: pa.Table) -> None:
 
 
 def write_rows(prefix: str, source: str, rows: Iterable[dict[str, Any]], rows_per_shard: int = 1000,
-               stats: dict[str, Any] | None = None, producer: str = "") -> Manifest:
+               stats: dict[str, Any] | None = None, producer: str = "", total: int | None = None) -> Manifest:
     """Write rows of one source in-process (no Ray): for small sets such as the samples.
     Files are named part-00000.parquet, ... so rewriting the same rows gives the same files;
-    Parquet files under `prefix` that this write did not produce are removed."""
+    Parquet files under `prefix` that this write did not produce are removed. `total`
+    (rows expected, when `rows` has no len) sizes the progress report."""
+    from kosmos_g.platform.progress import Progress
+
     expected = schema(source)
     batch: list[dict[str, Any]] = []
     written: list[str] = []
@@ -223,12 +226,15 @@ def write_rows(prefix: str, source: str, rows: Iterable[dict[str, Any]], rows_pe
         written.append(uri)
         batch.clear()
 
-    for row in rows:
-        batch.append(row)
-        if len(batch) >= rows_per_shard:
+    total = total if total is not None else (len(rows) if hasattr(rows, "__len__") else None)
+    with Progress(f"write {source}", total=total, unit="rows") as progress:
+        for row in rows:
+            batch.append(row)
+            progress.update()
+            if len(batch) >= rows_per_shard:
+                flush()
+        if batch or not written:
             flush()
-    if batch or not written:
-        flush()
     for stale in set(parquet_uris(prefix)) - set(written):
         storage.delete(stale)
     return build_manifest(prefix, source, stats, producer)

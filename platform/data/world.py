@@ -174,6 +174,6 @@ def write_world_shards(prefix: str, seed: int = 0, count: int = 10_000, rows_per
     for source, build in (("captions", caption_rows), ("compositional", compositional_rows)):
         target = storage.join(prefix, source)
         shards.write_rows(target, source, build(scene_list), rows_per_shard=rows_per_shard,
-                          producer="kosmos_g.platform.data.world")
+                          producer="kosmos_g.platform.data.world", total=len(scene_list))
         prefixes[source] = target
     return prefixes

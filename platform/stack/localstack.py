@@ -168,11 +168,12 @@ class LocalStack:
         self._ensure_ray_token(ray_settings.token_path)
         launched: list[services.Launched] = []
         try:
-            for name in ORDER:
+            for number, name in enumerate(ORDER, start=1):
                 if self._alive(name, state) and self._probe(name, state):
                     log(f"{name:10s} already running (pid {state['services'][name]['pid']})")
                     continue
                 self._check_ports(name, state)
+                log(f"[{number}/{len(ORDER)}] starting {name}, waiting until it answers…")
                 if name == "seaweedfs":
                     item = services.start_seaweedfs(self.state_dir / "s3", s3, state["ports"]["seaweed"],
                                                     stack_id, logs / "seaweedfs.log")

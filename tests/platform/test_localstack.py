@@ -89,7 +89,7 @@ def test_up_status_submit_down(tmp_path):
     try:
         up = _run("up", *overrides, env=base_env)
         assert up.returncode == 0, up.stderr
-        assert "seaweedfs  ready at http://127.0.0.1" in up.stderr
+        assert "[1/3] starting seaweedfs" in up.stderr and "seaweedfs  ready at http://127.0.0.1" in up.stderr
 
         again = _run("up", *overrides, env=base_env)  # idempotent
         assert again.returncode == 0 and again.stderr.count("already running") == 3, again.stderr
