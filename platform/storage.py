@@ -329,6 +329,26 @@ def local_dir(uri: str, cache_root: str | os.PathLike | None = None) -> Path:
     return target
 
 
+def local_file(uri: str, cache_root: str | os.PathLike | None = None) -> Path:
+    """A local path of the single file at `uri`: itself when local, else a cached download
+    (written beside and renamed, so a partial download never passes for the file)."""
+    location = parse(uri)
+    if location.scheme == "file":
+        if not os.path.isfile(location.path):
+            raise StorageNotFound(f"no such file: {location.path}")
+        return Path(location.path)
+    cache = Path(cache_root or os.environ.get("KOSMOS_CACHE_DIR", Path.home() / ".cache" / "kosmos-g"))
+    target = cache / location.bucket / location.path.strip("/")
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkstemp(dir=target.parent, prefix=".download-")[1])
+    with open_read(uri) as source, open(partial, "wb") as sink:
+        shutil.copyfileobj(source, sink, length=1024 * 1024)
+    os.replace(partial, target)
+    return target
+
+
 def pyarrow_filesystem(uri: str):
     """(pyarrow FileSystem, path) for Ray Data readers and writers.
 

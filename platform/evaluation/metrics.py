@@ -7,8 +7,10 @@
 - Each score is 100 x cosine between a generated image and the ONE reference it was generated
   from (not every image of its subject); the reported value is the mean, floored at 0.
 - FID: torchmetrics' FrechetInceptionDistance(normalize=True) with the real set resized to 256
-  and centre-cropped, the feature network injected (real Inception weights need torch-fidelity,
-  which needs torchvision, which does not install beside the CPU torch here).
+  and centre-cropped. The feature network is injected: the release's default (torch-fidelity's
+  Inception) needs torchvision, which does not install beside the CPU torch here, so real
+  weights come as the FID Inception TorchScript file (`InceptionFeatures`). torchmetrics still
+  keeps the statistics and computes the distance.
 
 Backbones load from local folders or `s3://` (made local first); nothing is downloaded.
 """
@@ -115,6 +117,54 @@ class ClipScorer:
         return (100 * (self.image_features(generated) * self.text_features(prompts)).sum(-1)).tolist()
 
 
+def fid_input(image, real: bool, size: int = 299) -> np.ndarray:
+    """One image as the FID network takes it: float (3, size, size) in [0, 1]. Real images are
+    first resized to 256 and centre-cropped (as released); generated ones are used whole."""
+    pil = _to_pil(image)
+    if real:
+        pil = resize_center_crop(pil, 256, 256)
+    pil = pil.resize((size, size), Image.BICUBIC)
+    return (np.asarray(pil, np.float32) / 255.0).transpose(2, 0, 1)
+
+
+class InceptionFeatures(torch.nn.Module):
+    """The FID Inception as a TorchScript file (the `inception-2015-12-05.pt` layout of the
+    StyleGAN/clean-fid metrics: `model(x, return_features=True)` with x in [0, 255], returning
+    (N, 2048) pool features). Local path; `s3://` is made local by the caller."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.model = torch.jit.load(path, map_location="cpu").eval()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) in [0, 1]
+        return self.model(images * 255.0, return_features=True).reshape(len(images), -1)
+
+
+class PrecomputedFeatures(torch.nn.Module):
+    """Lets torchmetrics' FID take features computed elsewhere (by Ray Data actors): the
+    metric keeps the running sums and does the Frechet distance; this passes features through."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def fid_from_features(real: np.ndarray, generated: np.ndarray) -> float:
+    """FID of two (N, D) feature sets with torchmetrics' FrechetInceptionDistance."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if real.shape[1] != generated.shape[1]:
+        raise ValueError(f"feature sizes differ: {real.shape[1]} (real) vs {generated.shape[1]} (generated)")
+    metric = FrechetInceptionDistance(feature=PrecomputedFeatures(real.shape[1]), normalize=True)
+    metric.update(torch.from_numpy(np.asarray(real, np.float64)), real=True)
+    metric.update(torch.from_numpy(np.asarray(generated, np.float64)), real=False)
+    return float(metric.compute())
+
+
 def fid(real: Sequence, generated: Sequence, feature: torch.nn.Module, feature_dim_input: int = 299) -> float:
     """FID as released: torchmetrics FrechetInceptionDistance(normalize=True), the real set resized
     to 256 and centre-cropped. `feature` maps (N, 3, H, W) float images in [0, 1] to (N, D)
@@ -124,9 +174,7 @@ def fid(real: Sequence, generated: Sequence, feature: torch.nn.Module, feature_d
     metric = FrechetInceptionDistance(feature=feature, normalize=True)
 
     def batch(images, real_set: bool) -> torch.Tensor:
-        pils = [resize_center_crop(_to_pil(i), 256, 256) if real_set else _to_pil(i) for i in images]
-        pils = [p.resize((feature_dim_input, feature_dim_input), Image.BICUBIC) for p in pils]
-        return torch.from_numpy(np.stack([np.asarray(p, np.float32) / 255.0 for p in pils])).permute(0, 3, 1, 2)
+        return torch.from_numpy(np.stack([fid_input(i, real_set, feature_dim_input) for i in images]))
 
     metric.update(batch(real, True), real=True)
     metric.update(batch(generated, False), real=False)

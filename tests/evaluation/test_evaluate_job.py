@@ -35,3 +35,7 @@ def test_dreambench_job_records_scores(ray_local, s3_prefix, tmp_path, dino_dir,
     table = tracking.client().download_artifacts(run_id, "dreambench/subjects.csv", str(tmp_path))
     lines = open(table).read().splitlines()
     assert lines[0] == "subject,images,dino,clip_i,clip_t" and [l.split(",")[0] for l in lines[1:]] == ["backpack", "dog"]
+    grid = tracking.client().download_artifacts(run_id, "dreambench/samples.png", str(tmp_path))
+    from PIL import Image
+
+    assert Image.open(grid).size == (2 * 128, 8 * (128 + 34))  # reference | generated, 8 rows

@@ -69,3 +69,19 @@ def test_dreambench_protocol_tables():
     assert dreambench.cases("cat", ["x.jpg"], drop_class=True)[20].kosmos_prompt.count("<image>") == 1
     with pytest.raises(ValueError, match="unknown DreamBench subject"):
         dreambench.cases("unicorn", ["x.jpg"])
+
+
+def test_fid_from_features_uses_torchmetrics_statistics():
+    from kosmos_g.platform.evaluation.metrics import fid_from_features
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(64, 8))
+    assert abs(fid_from_features(real, real)) < 1e-6
+    shifted = fid_from_features(real, real + 1.0)
+    assert abs(shifted - 8.0) < 1e-3  # a mean shift of 1 in each of 8 dims, same covariance
+    try:
+        fid_from_features(real, real[:, :4])
+    except ValueError as error:
+        assert "feature sizes differ" in str(error)
+    else:
+        raise AssertionError("mismatched feature sizes must fail")
