@@ -189,12 +189,26 @@ def write_results(out: str, results: list[dict[str, Any]]) -> str:
 
 
 def run(prompts_uri: str, out: str, model: str, batch_size: int = 4, concurrency: int = 1) -> dict[str, Any]:
+    """The job: generate, then record the counts in MLflow (experiment `generate`, one run per
+    output prefix: a resumed run continues the same MLflow run)."""
     from kosmos_g.platform import tracking
     from kosmos_g.platform.stack import cluster
 
     cluster.connect()
-    return generate_rows(read_prompts(prompts_uri), out, str(tracking.resolve_artifacts(model)),
-                         batch_size, concurrency)
+    started = time.perf_counter()
+    run_id, _ = tracking.start_run("generate", out, tags={"prompts": prompts_uri, "model": model})
+    try:
+        summary = generate_rows(read_prompts(prompts_uri), out, str(tracking.resolve_artifacts(model)),
+                                batch_size, concurrency)
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    seconds = time.perf_counter() - started
+    tracking.log_metrics(run_id, {
+        **{k: float(summary[k]) for k in ("rows", "generated", "skipped", "already_done")},
+        "wall_clock_s": seconds, "images_per_s": summary["generated"] / seconds}, 0)
+    tracking.end_run(run_id)
+    return {**summary, "run_id": run_id}
 
 
 def generate_rows(rows: list[dict[str, Any]], out: str, bundle: str, batch_size: int = 4,

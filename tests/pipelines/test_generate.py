@@ -42,6 +42,11 @@ def test_generate_table_resume_and_bad_rows(ray_local, s3_prefix, tmp_path):
     out = f"{s3_prefix}/out"
     summary = run(table, out, str(bundle), batch_size=3)
     assert (summary["generated"], summary["skipped"], summary["already_done"]) == (3, 2, 0)
+    from kosmos_g.platform import tracking
+
+    recorded = tracking.client().get_run(summary["run_id"]).data.metrics
+    assert (recorded["generated"], recorded["skipped"], recorded["rows"]) == (3, 2, 5)
+    assert recorded["images_per_s"] > 0
 
     results = pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/results.parquet"))).to_pylist()
     assert sorted(r["key"] for r in results) == ["a", "b", "c"]
