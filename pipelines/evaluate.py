@@ -109,11 +109,25 @@ class Scorer:
                 "clip_t": np.array(self.clip.text_scores(generated, list(batch["text"])))}
 
 
-def summarise(scores: list[dict[str, Any]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Overall means (floored at 0, as released) and one row per subject."""
+def score_images(images: list[dict[str, Any]], dino: str, clip: str) -> list[dict[str, Any]]:
+    """DINO / CLIP-I / CLIP-T for {image_uri, reference, text, subject} items, in a Ray Data actor pool."""
+    import ray
+
+    scored = ray.data.from_items(images).map_batches(
+        Scorer, fn_constructor_args=(dino, clip), batch_size=16, concurrency=1, num_cpus=0.5)
+    scores = []
+    with Progress("evaluate: scoring", total=len(images), unit="images", stream=sys.stdout) as progress:
+        for row in scored.iter_rows():
+            scores.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
+            progress.update()
+    return scores
+
+
+def summarise(scores: list[dict[str, Any]], prefix: str = "dreambench") -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Overall means (floored at 0, as released) as `<prefix>_<metric>`, and one row per subject."""
     from kosmos_g.platform.evaluation.metrics import mean_score
 
-    metrics = {f"dreambench_{m}": mean_score([s[m] for s in scores]) for m in ("dino", "clip_i", "clip_t")}
+    metrics = {f"{prefix}_{m}": mean_score([s[m] for s in scores]) for m in ("dino", "clip_i", "clip_t")}
     table = []
     for subject in sorted({s["subject"] for s in scores}):
         rows = [s for s in scores if s["subject"] == subject]
@@ -122,22 +136,20 @@ def summarise(scores: list[dict[str, Any]]) -> tuple[dict[str, float], list[dict
     return metrics, table
 
 
-def log_grid(run_id: str, images: list[dict[str, Any]], rows: int = 8) -> None:
-    """`dreambench/samples.png`: reference → generated image, with the prompt, for a first look."""
+def log_grid(run_id: str, images: list[dict[str, Any]], rows: int = 8, artifact: str = "dreambench/samples.png") -> None:
+    """A grid of reference → generated image, with the prompt, for a first look."""
     from kosmos_g.platform import tracking
     from kosmos_g.platform.evaluation.grid import open_image, prompt_grid
 
     shown = [{"text": item["text"], "references": [open_image(item["reference"])],
               "generated": open_image(item["image_uri"])} for item in images[:rows]]
     if shown:
-        tracking.client().log_image(run_id, prompt_grid(shown), "dreambench/samples.png")
+        tracking.client().log_image(run_id, prompt_grid(shown), artifact)
 
 
 def run(cfg: EvalConfig) -> dict[str, float]:
     import os
     import tempfile
-
-    import ray
 
     from kosmos_g.pipelines.generate import generate_rows
     from kosmos_g.platform import storage, tracking
@@ -154,13 +166,7 @@ def run(cfg: EvalConfig) -> dict[str, float]:
     generate_rows(rows, out, str(tracking.resolve_artifacts(cfg.model)), cfg.batch_size)
     images = [{"key": key, "image_uri": storage.join(out, "images", f"{key}.png"), **target}
               for key, target in targets.items() if storage.exists(storage.join(out, "images", f"{key}.png"))]
-    scored = ray.data.from_items(images).map_batches(
-        Scorer, fn_constructor_args=(cfg.dino, cfg.clip), batch_size=16, concurrency=1, num_cpus=0.5)
-    scores = []
-    with Progress("evaluate: scoring", total=len(images), unit="images", stream=sys.stdout) as progress:
-        for row in scored.iter_rows():
-            scores.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
-            progress.update()
+    scores = score_images(images, cfg.dino, cfg.clip)
     metrics, table = summarise(scores)
     metrics["dreambench_images"] = float(len(scores))
     tracking.log_metrics(run_id, metrics, 0)

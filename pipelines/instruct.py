@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import sys
 
+from kosmos_g.pipelines.stage_eval import EndOfStageEval
 from kosmos_g.platform.train.job import main as run_stage_main
 
 STAGE = 3
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage_main(STAGE, argv)
+    return run_stage_main(STAGE, argv, EndOfStageEval())
 
 
 if __name__ == "__main__":

@@ -56,6 +56,20 @@ class TrainConfig:
 
 
 @dataclass
+class StageEvalConfig:
+    """A small evaluation at the end of stage 2 or 3 (pipelines/stage_eval.py): generate for a
+    prompt table and log DINO / CLIP-I / CLIP-T of each image against the row's first input
+    image (and its `text`, else the prompt without placeholders) before registering."""
+
+    prompts: str = ""  # JSONL/Parquet rows as pipelines/generate.py reads them; "" = no evaluation
+    dino: str = ""  # transformers ViTModel folder, local or s3://
+    clip: str = ""  # transformers CLIPModel folder, local or s3://
+    steps: int = 20
+    guidance_scale: float = 7.5
+    batch_size: int = 4
+
+
+@dataclass
 class StageConfig:
     stage: int = 3
     # Job name: the Ray Train run directory and the MLflow run key. Re-submitting
@@ -75,6 +89,7 @@ class StageConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: StageEvalConfig = field(default_factory=StageEvalConfig)
 
     @property
     def pipeline(self) -> str:
@@ -102,6 +117,13 @@ class StageConfig:
         for key in ("steps", "batch_size", "num_workers", "checkpoint_every", "log_every"):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f"train.{key} must be at least 1")
+        if self.eval.prompts:
+            if self.stage == 1:
+                raise ConfigError("eval.prompts: a stage-1 model has no AlignerNet and cannot generate images; "
+                                  "evaluate after stage 2 or 3")
+            missing = [f"eval.{key}" for key in ("dino", "clip") if not getattr(self.eval, key)]
+            if missing:
+                raise ConfigError(f"eval.prompts needs {' and '.join(missing)} (backbone folders, local or s3://)")
 
 
 def missing_real_inputs(cfg: StageConfig) -> list[str]:

@@ -122,8 +122,9 @@ def fit(cfg: StageConfig, init_uri: str | None, run_id: str):
     return trainer.fit()
 
 
-def publish(cfg: StageConfig, run_id: str, checkpoint) -> str | None:
-    """Log the final bundle (safetensors + config) to the run and register it."""
+def publish(cfg: StageConfig, run_id: str, checkpoint, evaluator=None) -> str | None:
+    """Log the final bundle (safetensors + config) to the run, evaluate it when `eval.prompts`
+    is set (so the scores reach the version's card), and register it."""
     with checkpoint.as_directory() as directory:
         bundle = Path(directory) / BUNDLE_DIR
         if not bundle.is_dir():
@@ -133,6 +134,8 @@ def publish(cfg: StageConfig, run_id: str, checkpoint) -> str | None:
             tracking.log_dir(run_id, save_pyfunc(bundle, Path(staging) / "model"), "model")
         if cfg.stage == 3 and cfg.sample_grid:
             log_sample_grid(run_id, bundle)
+        if cfg.eval.prompts:
+            evaluator(cfg, run_id, bundle)
     if not cfg.register:
         return None
     tags, description = version_card(cfg, run_id)
@@ -150,7 +153,7 @@ def version_card(cfg: StageConfig, run_id: str) -> tuple[dict[str, str], str]:
 
     metrics = tracking.client().get_run(run_id).data.metrics
     data = {f"data.{source}": getattr(cfg.data, source) or "" for source in STAGE_SOURCES[cfg.stage]}
-    final = {f"final.{key}": f"{metrics[key]:.4g}" for key in ("eval_loss", "loss", "mse", "rec") if key in metrics}
+    final = {f"final.{key}": f"{metrics[key]:.4g}" for key in ("eval_loss", "loss", "mse", "rec", "eval_dino", "eval_clip_i", "eval_clip_t") if key in metrics}
     tags = {"stage": str(cfg.stage), "job": cfg.name, "preset": cfg.model.name, "steps": str(cfg.train.steps),
             "init": cfg.init, "git_commit": tracking.git_commit(), **data, **final}
     sources = ", ".join(f"{key[5:]} from {value}" for key, value in data.items() if value)
@@ -181,9 +184,16 @@ def log_sample_grid(run_id: str, bundle: Path) -> None:
         tracking.client().log_artifact(run_id, str(path), "samples")
 
 
-def run_stage(cfg: StageConfig) -> StageResult:
+def run_stage(cfg: StageConfig, evaluator=None) -> StageResult:
+    """Train, publish, register. `evaluator` (pipelines/stage_eval.EndOfStageEval) runs the
+    end-of-stage evaluation that `eval.prompts` asks for."""
     cfg.validate()
     check_real_inputs(cfg)
+    if cfg.eval.prompts:
+        if evaluator is None:
+            raise ConfigError("eval.prompts is set, but this entry point has no evaluator: run the stage with "
+                              "pipelines/align.py or pipelines/instruct.py")
+        evaluator.check(cfg)
     cluster.connect()
     init_uri = resolve_init(cfg)
     run_id, resumed = tracking.start_run(cfg.pipeline, cfg.name, cfg, tags={"stage": str(cfg.stage)})
@@ -196,7 +206,7 @@ def run_stage(cfg: StageConfig) -> StageResult:
             raise result.error
         trained = time.monotonic()
         log_skip_counts(cfg, run_id)
-        registered = publish(cfg, run_id, result.checkpoint)
+        registered = publish(cfg, run_id, result.checkpoint, evaluator)
         print(f"[{cfg.pipeline}] trained in {trained - started:.0f}s, published in {time.monotonic() - trained:.0f}s",
               flush=True)
     except BaseException:
@@ -215,7 +225,7 @@ def checkpoint_uri(cfg: StageConfig, checkpoint) -> str:
     return checkpoint.path
 
 
-def main(stage: int, argv: list[str] | None = None) -> int:
+def main(stage: int, argv: list[str] | None = None, evaluator=None) -> int:
     """Command line shared by the three stage scripts."""
     presets = stage_presets(stage)
     parser = argparse.ArgumentParser(description=f"Kosmos-G training stage {stage} on Ray Train + DeepSpeed")
@@ -226,7 +236,7 @@ def main(stage: int, argv: list[str] | None = None) -> int:
         print(to_yaml(cfg))
         return 0
     try:
-        result = run_stage(cfg)
+        result = run_stage(cfg, evaluator)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

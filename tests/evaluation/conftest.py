@@ -1,38 +1,9 @@
-"""Small random DINO ViT and CLIP backbones saved in their usual transformers layouts."""
+"""A small random FID Inception saved as TorchScript (DINO and CLIP backbones: tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-
-@pytest.fixture(scope="session")
-def dino_dir(tmp_path_factory) -> str:
-    from transformers import ViTConfig, ViTModel
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("dino")
-    ViTModel(ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-                       image_size=32, patch_size=8), add_pooling_layer=False).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def clip_dir(tmp_path_factory) -> str:
-    from transformers import CLIPConfig, CLIPModel
-
-    from kosmos_g.models.tokenizers import build_clip_tokenizer
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("clip")
-    CLIPModel(CLIPConfig(
-        text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37),
-        vision_config=dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-                           image_size=32, patch_size=8),
-        projection_dim=24,
-    )).save_pretrained(path)
-    build_clip_tokenizer().save_pretrained(path)
-    return str(path)
 
 
 class _TinyInception(torch.nn.Module):

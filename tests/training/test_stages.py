@@ -39,17 +39,41 @@ def sample_data(stack_env):
     return root, write_sample_shards(f"{root}/samples")
 
 
+def _eval_table(root: str) -> str:
+    """Two prompts with a reference photo each, for the end-of-stage evaluation."""
+    import io
+    import json
+
+    from PIL import Image
+    from skimage import data
+
+    rows = []
+    for key, photo in (("cat", data.chelsea()), ("cup", data.coffee())):
+        buffer = io.BytesIO()
+        Image.fromarray(photo).resize((48, 48)).save(buffer, format="PNG")
+        storage.write_bytes(f"{root}/eval/{key}.png", buffer.getvalue())
+        rows.append({"key": key, "prompt": f"a photo of <image> in the snow", "images": [f"{root}/eval/{key}.png"],
+                     "text": f"a photo of a {key} in the snow"})
+    storage.write_text(f"{root}/eval/prompts.jsonl", "\n".join(json.dumps(r) for r in rows))
+    return f"{root}/eval/prompts.jsonl"
+
+
 @pytest.fixture(scope="module")
-def chain(sample_data, ray_local):
+def chain(sample_data, ray_local, dino_dir, clip_dir):
     """pretrain → align → instruct, each starting from the previous registration.
-    Align also loses a worker mid-run (killed hard at step 7, last checkpoint at 5)."""
+    Align also loses a worker mid-run (killed hard at step 7, last checkpoint at 5).
+    Instruct ends with the end-of-stage evaluation on a two-prompt table."""
+    from kosmos_g.pipelines.stage_eval import EndOfStageEval
+
     root, prefixes = sample_data
     tag = uuid.uuid4().hex[:6]
     names = {stage: f"{name}-{tag}" for stage, name in ((1, "pretrain"), (2, "align"), (3, "instruct"))}
     results = {}
     results[1] = run_stage(_config(1, prefixes, root, name=names[1], **{"train.steps": 10}))
     results[2] = run_stage(_config(2, prefixes, root, name=names[2], **{"train.steps": 20, "train.fail_at_step": 7}))
-    results[3] = run_stage(_config(3, prefixes, root, name=names[3], **{"train.steps": 10}))
+    evaluation = {"eval.prompts": _eval_table(root), "eval.dino": dino_dir, "eval.clip": clip_dir, "eval.steps": 2}
+    results[3] = run_stage(_config(3, prefixes, root, name=names[3], **{"train.steps": 10, **evaluation}),
+                           EndOfStageEval())
     return root, results, names
 
 
@@ -87,6 +111,35 @@ def test_instruct_loss_below_start_and_registers_servable_model(chain):
         assert key in metrics
     artifacts = [a.path for a in tracking.client().list_artifacts(results[3].run_id, "samples")]
     assert artifacts == ["samples/grid.png"]
+
+
+def test_instruct_ends_with_an_evaluation_that_reaches_the_version_card(chain):
+    _, results, _ = chain
+    metrics = tracking.client().get_run(results[3].run_id).data.metrics
+    assert metrics["eval_images"] == 2
+    for key in ("eval_dino", "eval_clip_i", "eval_clip_t"):
+        assert 0.0 <= metrics[key] <= 100.0
+    artifacts = [a.path for a in tracking.client().list_artifacts(results[3].run_id, "eval")]
+    assert artifacts == ["eval/samples.png"]
+    version = tracking.client().get_model_version(*results[3].registered.split("/"))
+    assert "final.eval_clip_t" in version.tags
+
+
+def test_a_bad_evaluation_table_fails_before_training(sample_data, tmp_path):
+    from kosmos_g.pipelines.stage_eval import EndOfStageEval
+    from kosmos_g.platform.config import ConfigError
+
+    root, prefixes = sample_data
+    table = tmp_path / "prompts.jsonl"
+    table.write_text('{"key": "a", "prompt": "a cat"}\n')  # no reference image
+    cfg = _config(3, prefixes, root, name="never-trains", **{"eval.prompts": str(table), "eval.dino": "d",
+                                                              "eval.clip": "c"})
+    with pytest.raises(ConfigError, match="every row needs key, prompt and images"):
+        run_stage(cfg, EndOfStageEval())
+    with pytest.raises(ConfigError, match="no evaluator"):
+        run_stage(cfg)
+    with pytest.raises(ConfigError, match="needs eval.dino and eval.clip"):
+        run_stage(_config(3, prefixes, root, name="never-trains", **{"eval.prompts": str(table)}), EndOfStageEval())
 
 
 def test_each_stage_starts_from_the_previous_registration(chain):
