@@ -2,7 +2,8 @@
 
 A job log (Ray job, CI, a file) is not a terminal: a redrawn bar would write thousands of
 carriage-return fragments into it. There one line is printed every `every` of the total
-(10% by default) and at the end, so `ray job logs` reads as a short history.
+(10% by default) but at most one per `min_interval_s`, and one at the end, so `ray job logs`
+reads as a short history.
 
     with Progress("world scenes", total=len(rows), unit="rows") as progress:
         for row in rows:
@@ -19,13 +20,15 @@ from typing import TextIO
 
 class Progress:
     def __init__(self, description: str, total: int | None, unit: str = "items", every: float = 0.1,
-                 stream: TextIO | None = None):
+                 stream: TextIO | None = None, min_interval_s: float = 2.0):
         self.description = description
         self.total = total
         self.unit = unit
         self.done = 0
         self.stream = stream or sys.stderr
         self.started = time.perf_counter()
+        self.min_interval_s = min_interval_s
+        self._last_line = float("-inf")
         self._every = max(1, int((total or 0) * every)) if total else None
         self._next_line = self._every
         self._bar = None
@@ -39,7 +42,8 @@ class Progress:
         if self._bar is not None:
             self._bar.update(count)
         elif self._next_line is not None and self.done >= self._next_line and self.done < (self.total or 0):
-            self._line()
+            if time.perf_counter() - self._last_line >= self.min_interval_s:
+                self._line()
             while self._next_line <= self.done:
                 self._next_line += self._every
 
@@ -51,7 +55,8 @@ class Progress:
             self._line(final=True)
 
     def _line(self, final: bool = False) -> None:
-        seconds = time.perf_counter() - self.started
+        self._last_line = time.perf_counter()
+        seconds = self._last_line - self.started
         of = f"/{self.total}" if self.total else ""
         rate = f", {self.done / seconds:.1f} {self.unit}/s" if seconds > 0 and self.done else ""
         ending = " done" if final else ""

@@ -13,7 +13,7 @@ class Terminal(io.StringIO):
 
 def test_a_log_gets_a_line_per_tenth_and_a_final_line():
     log = io.StringIO()
-    with Progress("scoring", total=50, unit="images", stream=log) as progress:
+    with Progress("scoring", total=50, unit="images", stream=log, min_interval_s=0) as progress:
         for _ in range(50):
             progress.update()
     lines = log.getvalue().splitlines()
@@ -21,9 +21,18 @@ def test_a_log_gets_a_line_per_tenth_and_a_final_line():
     assert lines[-1].startswith("[scoring] 50/50 images done")
 
 
+def test_fast_work_is_not_a_line_per_item():
+    log = io.StringIO()
+    with Progress("quick", total=18, stream=log) as progress:  # default: at most a line per 2 s
+        for _ in range(18):
+            progress.update()
+    assert log.getvalue().splitlines()[-1].startswith("[quick] 18/18 items done")
+    assert len(log.getvalue().splitlines()) <= 2
+
+
 def test_large_updates_do_not_repeat_lines_and_unknown_totals_still_end():
     log = io.StringIO()
-    with Progress("rows", total=100, stream=log) as progress:
+    with Progress("rows", total=100, stream=log, min_interval_s=0) as progress:
         progress.update(35)
         progress.update(65)
     assert [line.split()[1] for line in log.getvalue().splitlines()] == ["35/100", "100/100"]
