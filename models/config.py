@@ -49,6 +49,12 @@ class MLLMConfig:
     tie_word_embeddings: bool = True
     # Scale input embeddings by sqrt(dim), as the released decoder does.
     scale_embedding: bool = True
+    # As released (fairseq LM decoder): fairseq sinusoidal absolute positions (counted from 2,
+    # pads at 1) are added to the scaled input embeddings, beside xPos inside attention.
+    absolute_positions: bool = True
+    # The released resampler (XConnector) attends with fairseq's plain multi-head attention:
+    # no Sub-LN inner norm. True adds one (this project's earlier layout).
+    resampler_sub_ln: bool = False
     image_tokens: int = 64  # resampler latent queries = embeddings per image
     resampler_heads: int = 32
     dropout: float = 0.1

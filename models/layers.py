@@ -54,10 +54,11 @@ class XPos(nn.Module):
 
 
 class SubLNAttention(nn.Module):
-    """Multi-head attention with Magneto's inner LayerNorm before the output projection."""
+    """Multi-head attention with Magneto's inner LayerNorm before the output projection
+    (`sub_ln=False`: plain multi-head attention, as fairseq's, with no such norm)."""
 
     def __init__(self, dim: int, num_heads: int, kv_dim: int | None = None, dropout: float = 0.0,
-                 xpos_scale_base: int | None = None):
+                 xpos_scale_base: int | None = None, sub_ln: bool = True):
         super().__init__()
         kv_dim = kv_dim or dim
         self.num_heads = num_heads
@@ -65,7 +66,7 @@ class SubLNAttention(nn.Module):
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(kv_dim, dim)
         self.v_proj = nn.Linear(kv_dim, dim)
-        self.inner_norm = nn.LayerNorm(dim)
+        self.inner_norm = nn.LayerNorm(dim) if sub_ln else nn.Identity()
         self.out_proj = nn.Linear(dim, dim)
         self.dropout = dropout
         self.xpos = XPos(self.head_dim, xpos_scale_base) if xpos_scale_base else None
@@ -149,3 +150,23 @@ def magneto_init_(blocks: nn.ModuleList, gain: float | None = None) -> None:
 def key_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     """(B, Lk) bool validity mask -> (B, 1, 1, Lk) attention mask."""
     return None if mask is None else mask[:, None, None, :].bool()
+
+
+def fairseq_positions(attention_mask: torch.Tensor, padding_idx: int = 1) -> torch.Tensor:
+    """Position ids as fairseq's make_positions: non-pad tokens count from padding_idx + 1,
+    pads get padding_idx (whose embedding is zero)."""
+    mask = attention_mask.to(torch.long)
+    return torch.cumsum(mask, dim=1) * mask + padding_idx
+
+
+def sinusoidal_embeddings(positions: torch.Tensor, dim: int, padding_idx: int = 1) -> torch.Tensor:
+    """fairseq's SinusoidalPositionalEmbedding for `positions` (B, L) -> (B, L, dim): [sin | cos]
+    halves with frequencies 10000^(-i / (dim/2 - 1)), a zero row at padding_idx."""
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32, device=positions.device)
+                            * -(math.log(10000.0) / (half - 1)))
+    angles = positions.to(torch.float32)[..., None] * frequencies
+    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+    if dim % 2:
+        table = F.pad(table, (0, 1))
+    return table.masked_fill((positions == padding_idx)[..., None], 0.0)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import MLLMConfig, VisionConfig
-from .layers import SubLNAttention, SubLNBlock, key_mask, magneto_init_
+from .layers import SubLNAttention, SubLNBlock, fairseq_positions, key_mask, magneto_init_, sinusoidal_embeddings
 
 
 class VisionEncoder(nn.Module):
@@ -68,13 +68,19 @@ class VisionEncoder(nn.Module):
 
 
 class Resampler(nn.Module):
-    """Attentive pooling: learned latent queries attend to [image tokens; latents] once."""
+    """Attentive pooling: learned latent queries attend to [image tokens; latents] once
+    (the release's XConnector: dense, then fairseq multi-head attention, latents ~ N(0, 1))."""
 
-    def __init__(self, input_dim: int, dim: int, num_latents: int, num_heads: int):
+    def __init__(self, input_dim: int, dim: int, num_latents: int, num_heads: int, sub_ln: bool = False):
         super().__init__()
         self.proj = nn.Linear(input_dim, dim)
-        self.latents = nn.Parameter(torch.randn(num_latents, dim) * dim**-0.5)
-        self.attn = SubLNAttention(dim, num_heads)
+        self.latents = nn.Parameter(torch.randn(num_latents, dim))
+        self.attn = SubLNAttention(dim, num_heads, sub_ln=sub_ln)
+        # fairseq MultiheadAttention's initialisation.
+        for projection in (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj):
+            nn.init.xavier_uniform_(projection.weight, gain=1 / math.sqrt(2))
+        nn.init.xavier_uniform_(self.attn.out_proj.weight)
+        nn.init.zeros_(self.attn.out_proj.bias)
 
     def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """(N, T, input_dim) -> (N, num_latents, dim)."""
@@ -105,9 +111,15 @@ class MagnetoDecoder(nn.Module):
         # As released (fairseq LM default): every input embedding, image slots included, is
         # scaled by sqrt(dim) before the first layer.
         self.embed_scale = math.sqrt(config.dim) if config.scale_embedding else 1.0
+        self.absolute_positions = config.absolute_positions
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(inputs_embeds * self.embed_scale)
+        x = inputs_embeds * self.embed_scale
+        if self.absolute_positions:
+            valid = attention_mask if attention_mask is not None else torch.ones(x.shape[:2], device=x.device)
+            positions = sinusoidal_embeddings(fairseq_positions(valid), x.shape[-1])
+            x = x + positions.to(x.dtype)
+        x = self.dropout(x)
         mask = key_mask(attention_mask)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -136,7 +148,8 @@ class MLLM(nn.Module):
         self.config = config
         self.vocab_size = config.vocab_size or vocab_size
         self.vision = VisionEncoder(config.vision, meta=meta)
-        self.resampler = Resampler(self.vision.width, config.dim, config.image_tokens, config.resampler_heads)
+        self.resampler = Resampler(self.vision.width, config.dim, config.image_tokens, config.resampler_heads,
+                                   sub_ln=config.resampler_sub_ln)
         self.decoder = MagnetoDecoder(config, self.vocab_size)
 
     def trainable_modules(self) -> list[nn.Module]:

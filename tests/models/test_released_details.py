@@ -78,3 +78,51 @@ def test_clip_tokens_are_layer_normed_before_the_resampler(tiny_model):
         raw = vision.model(pixel_values=pixels).last_hidden_state
     assert tokens.shape == raw.shape  # no projection to the joint embedding space
     assert torch.allclose(tokens, vision.model.post_layernorm(raw), atol=1e-6)
+
+
+def _reference_fairseq_sinusoid(num_positions: int, dim: int, padding_idx: int = 1) -> torch.Tensor:
+    """fairseq SinusoidalPositionalEmbedding.get_embedding, re-derived: row p = [sin(p w) | cos(p w)]."""
+    half = dim // 2
+    w = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000) / (half - 1)))
+    angles = torch.arange(num_positions, dtype=torch.float32)[:, None] * w[None]
+    table = torch.cat([angles.sin(), angles.cos()], dim=1)
+    table[padding_idx] = 0
+    return table
+
+
+def test_decoder_adds_fairseq_sinusoidal_positions_counted_from_two(tiny_model):
+    from kosmos_g.models.layers import fairseq_positions, sinusoidal_embeddings
+
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    positions = fairseq_positions(mask)
+    assert positions.tolist() == [[2, 3, 4, 5, 1, 1], [2, 3, 4, 5, 6, 7]]  # pads at padding_idx 1
+    got = sinusoidal_embeddings(positions, 32)
+    table = _reference_fairseq_sinusoid(8, 32)
+    assert torch.allclose(got, table[positions], atol=1e-6)
+    assert got[0, 4:].abs().max() == 0
+
+    decoder = tiny_model.mllm.decoder
+    dim = tiny_model.config.mllm.dim
+    embeds = torch.randn(1, 5, dim)
+    ones = torch.ones(1, 5, dtype=torch.bool)
+    with torch.no_grad():
+        with_positions = decoder(embeds, ones)
+        decoder.absolute_positions = False
+        try:
+            # The same input with the positions added by hand, before the sqrt(dim) scale is undone.
+            by_hand = decoder(embeds + _reference_fairseq_sinusoid(7, dim)[2:7][None] / decoder.embed_scale, ones)
+        finally:
+            decoder.absolute_positions = True
+    assert torch.allclose(with_positions, by_hand, atol=1e-4)
+
+
+def test_resampler_is_the_released_xconnector_layout(tiny_model):
+    """dense -> latent queries attending to [image tokens; latents] with fairseq's plain
+    multi-head attention: no Sub-LN norm inside (the official checkpoint has none)."""
+    resampler = tiny_model.mllm.resampler
+    names = sorted(name for name, _ in resampler.named_parameters())
+    assert names == sorted(["proj.weight", "proj.bias", "latents"] + [
+        f"attn.{p}_proj.{kind}" for p in ("q", "k", "v", "out") for kind in ("weight", "bias")])
+    # Latent queries ~ N(0, 1) as torch.randn in the release (not scaled down).
+    big = type(resampler)(16, 64, 256, 4)
+    assert 0.9 < big.latents.std().item() < 1.1
