@@ -106,11 +106,14 @@ class KosmosG(nn.Module):
         missing = [k for k in BATCH_KEYS if k not in batch]
         if missing:
             raise KeyError(f"batch lacks {missing}; build it with model.tokenizer.collate")
-        return {k: torch.as_tensor(batch[k]).to(self.device) for k in BATCH_KEYS}
+        tensors = {k: torch.as_tensor(batch[k]).to(self.device) for k in BATCH_KEYS}
+        if batch.get("document_ids") is not None:  # packed stage-1 rows
+            tensors["document_ids"] = torch.as_tensor(batch["document_ids"]).to(self.device)
+        return tensors
 
     def _mllm(self, b: dict[str, torch.Tensor], return_logits: bool = False):
         return self.mllm(b["input_ids"], b["attention_mask"], b["image_mask"], b["pixel_values"],
-                         return_logits=return_logits)
+                         return_logits=return_logits, document_ids=b.get("document_ids"))
 
     # ------------------------------------------------------------------ conditioning
     def encode(self, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -129,7 +132,8 @@ class KosmosG(nn.Module):
 
     # ------------------------------------------------------------------ losses
     def lm_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """Stage 1: next-token cross-entropy on text targets (`loss_mask`) only."""
+        """Stage 1: next-token cross-entropy on text targets (`loss_mask`) only. In packed rows
+        no target crosses a document boundary: each document starts with `<s>`, never a target."""
         b = self._batch(batch)
         logits = self._mllm(b, return_logits=True).logits[:, :-1]
         targets = b["input_ids"][:, 1:]

@@ -152,11 +152,27 @@ def key_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if mask is None else mask[:, None, None, :].bool()
 
 
-def fairseq_positions(attention_mask: torch.Tensor, padding_idx: int = 1) -> torch.Tensor:
+def fairseq_positions(attention_mask: torch.Tensor, padding_idx: int = 1,
+                      document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Position ids as fairseq's make_positions: non-pad tokens count from padding_idx + 1,
-    pads get padding_idx (whose embedding is zero)."""
+    pads get padding_idx (whose embedding is zero). With `document_ids` (packed rows), the
+    count restarts at every document, so a packed document is positioned as if alone."""
     mask = attention_mask.to(torch.long)
-    return torch.cumsum(mask, dim=1) * mask + padding_idx
+    counts = torch.cumsum(mask, dim=1)
+    if document_ids is not None:
+        # Tokens of earlier documents in the row, subtracted at every token of a document.
+        starts = torch.ones_like(document_ids, dtype=torch.bool)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        before = torch.where(starts, counts - mask, torch.zeros_like(counts))
+        counts = counts - torch.cummax(before, dim=1).values
+    return counts * mask + padding_idx
+
+
+def document_mask(attention_mask: torch.Tensor, document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, L, L) attention mask of packed rows: a token sees valid tokens of its own
+    document only (block-diagonal; the causal triangle is applied by the attention)."""
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    return (same & attention_mask.bool()[:, None, :])[:, None]
 
 
 def sinusoidal_embeddings(positions: torch.Tensor, dim: int, padding_idx: int = 1) -> torch.Tensor:

@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import MLLMConfig, VisionConfig
-from .layers import SubLNAttention, SubLNBlock, fairseq_positions, key_mask, magneto_init_, sinusoidal_embeddings
+from .layers import (SubLNAttention, SubLNBlock, document_mask, fairseq_positions, key_mask, magneto_init_,
+                     sinusoidal_embeddings)
 
 
 class VisionEncoder(nn.Module):
@@ -113,14 +114,20 @@ class MagnetoDecoder(nn.Module):
         self.embed_scale = math.sqrt(config.dim) if config.scale_embedding else 1.0
         self.absolute_positions = config.absolute_positions
 
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`document_ids` (B, L): packed rows (stage 1); each document attends only to itself
+        and its absolute positions restart, so packing changes no document's computation."""
         x = inputs_embeds * self.embed_scale
         if self.absolute_positions:
             valid = attention_mask if attention_mask is not None else torch.ones(x.shape[:2], device=x.device)
-            positions = sinusoidal_embeddings(fairseq_positions(valid), x.shape[-1])
+            positions = sinusoidal_embeddings(fairseq_positions(valid, document_ids=document_ids), x.shape[-1])
             x = x + positions.to(x.dtype)
         x = self.dropout(x)
-        mask = key_mask(attention_mask)
+        if document_ids is not None:
+            mask = document_mask(attention_mask, document_ids)
+        else:
+            mask = key_mask(attention_mask)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, mask, True, use_reentrant=False)
@@ -174,7 +181,8 @@ class MLLM(nn.Module):
         return embeds
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_mask: torch.Tensor,
-                pixel_values: torch.Tensor | None = None, return_logits: bool = False) -> MLLMOutput:
+                pixel_values: torch.Tensor | None = None, return_logits: bool = False,
+                document_ids: torch.Tensor | None = None) -> MLLMOutput:
         embeds = self.embed(input_ids, image_mask, pixel_values)
-        hidden = self.decoder(embeds, attention_mask.bool())
+        hidden = self.decoder(embeds, attention_mask.bool(), document_ids)
         return MLLMOutput(hidden, self.decoder.logits(hidden) if return_logits else None)

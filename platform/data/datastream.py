@@ -69,6 +69,10 @@ class DataConfig:
     keep_background_p: float = 0.5  # compositional: crop with background vs. background removed
     drop_input_caption_p: float = 0.5  # stage 3 editing: drop the input image's caption
     stage1_text_only_p: float = 0.5  # stage 1 captions: text alone vs. "<image> caption"
+    # Stage 1: pack examples into rows of up to this many tokens (0 = one example per row;
+    # the paper preset: 2,048, as released). `train.batch_size` then counts packed rows.
+    pack_length: int = 0
+    pack_window: int = 256  # examples considered together when packing
     max_entity_images: int = 10  # entity images per compositional example (later ones stay text)
     min_image_side: int = 0  # stage 3: skip targets whose short side is smaller (paper: 384)
     # Stage 2 keeps captions the CLIP teacher sees whole (<= 75 tokens between its start and end
@@ -187,10 +191,16 @@ def training_dataset(stage: int, data: DataConfig, model: ModelConfig):
     counted under `data.skip_counter` (see `skip_counts`)."""
     skips.ensure_counter(data.skip_counter)
     ds = blended_records(stage, data)
-    return ds.map_batches(
+    ds = ds.map_batches(
         Preprocessor, fn_constructor_kwargs={"stage": stage, "data": data, "model": model},
         batch_format="pyarrow", batch_size=data.batch_size, num_cpus=data.num_cpus, compute=_pool(data),
     )
+    if stage == 1 and data.pack_length > 0:
+        from kosmos_g.platform.data.packing import pack_table
+
+        ds = ds.map_batches(pack_table, fn_args=(data.pack_length,), batch_format="pyarrow",
+                            batch_size=data.pack_window, num_cpus=0.25)
+    return ds
 
 
 def collate_fn(stage: int, model: ModelConfig) -> Callable[[dict[str, np.ndarray]], dict[str, Any]]:

@@ -47,6 +47,8 @@ OUTPUT_SCHEMA = pa.schema([
     ("n_entity_text_dropped", pa.int32()),
     ("n_background_kept", pa.int32()),
     ("input_caption_dropped", pa.bool_()),
+    # Token count of each document in the row: one entry, or several once packed (packing.py).
+    ("doc_lengths", pa.list_(pa.int32())),
 ])
 
 
@@ -207,6 +209,7 @@ class Preprocessor:
             "input_ids": encoded["input_ids"].astype(np.int32), "image_mask": encoded["image_mask"],
             "loss_mask": encoded["loss_mask"], "n_images": n_images, "clip_pixels": pixels,
             "caption": caption, "target_pixels": target, **info,
+            "doc_lengths": [len(encoded["input_ids"])],
         }
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -268,6 +271,11 @@ class StreamCollator(NumpyBatchCollateFn):
                 "pixel_values": self._clip(batch["clip_pixels"][i], int(batch["n_images"][i])),
             })
         out = self.tokenizer().collate(examples)
+        if self.stage == 1 and any(len(lengths) > 1 for lengths in batch["doc_lengths"]):
+            from kosmos_g.platform.data.packing import document_ids
+
+            lengths = [list(map(int, lengths)) for lengths in batch["doc_lengths"]]
+            out["document_ids"] = torch.from_numpy(document_ids(lengths, out["input_ids"].shape[1]))
         if self.stage == 2:
             out["captions"] = [str(caption) for caption in batch["caption"]]
         if self.stage == 3:

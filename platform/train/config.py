@@ -182,8 +182,11 @@ def _tiny_data() -> DataConfig:
 def _tiny(stage: int) -> StageConfig:
     lr = {1: 2e-3, 2: 3e-3, 3: 1e-3}[stage]
     steps = {1: 30, 2: 40, 3: 30}[stage]
+    data = _tiny_data()
+    if stage == 1:
+        data.pack_length = 256  # the tiny tokenizer's max_length: rows of a few packed documents
     return StageConfig(
-        stage=stage, name=f"{PIPELINES[stage]}-tiny", model=model_preset("tiny"), data=_tiny_data(),
+        stage=stage, name=f"{PIPELINES[stage]}-tiny", model=model_preset("tiny"), data=data,
         optim=OptimConfig(lr=lr, warmup_steps=3),
         train=TrainConfig(steps=steps, batch_size=4, num_workers=2, use_gpu=False, cpus_per_worker=0.25,
                           checkpoint_every=10,
@@ -193,13 +196,14 @@ def _tiny(stage: int) -> StageConfig:
 
 def _paper(stage: int) -> StageConfig:
     """Appendix A. Per-worker batch sizes assume 64 GPUs as in the released scripts:
-    stage 1 64 × 9 sequences (≈ 1.2M tokens once packed to 2,048 tokens; packing is not
-    implemented yet), stage 2 3,584 sentences (64 × 56),
+    stage 1 64 × 9 rows packed to 2,048 tokens (≈ 1.2M tokens), stage 2 3,584 sentences (64 × 56),
     stage 3 1,024 images (64 × 16)."""
     lr = {1: 2e-4, 2: 1e-3, 3: 1e-3}[stage]
     steps = {1: 300_000, 2: 300_000, 3: 200_000}[stage]
     batch = {1: 9, 2: 56, 3: 16}[stage]
     data = _sample_data()
+    if stage == 1:
+        data.pack_length = 2048  # the released --tokens-per-sample
     if stage == 3:
         data.min_image_side = 384  # appendix: images under 384 px are dropped in stage 3
     return StageConfig(
