@@ -15,7 +15,6 @@ reference → generated pairs as `dreambench/samples.png`.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from kosmos_g.platform.config import Presets
+from kosmos_g.platform.config import Presets, job_main
 from kosmos_g.platform.progress import Progress
 
 
@@ -184,27 +183,7 @@ def run(cfg: EvalConfig) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    registry = presets()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    registry.add_arguments(parser, default="dreambench")
-    for name in ("subjects", "model", "dino", "clip", "out", "name"):
-        parser.add_argument(f"--{name}", default=None, help=f"shorthand for --set {name}=…")
-    args = parser.parse_args(argv)
-    cfg = registry.from_args(args)
-    for name in ("subjects", "model", "dino", "clip", "out", "name"):
-        if getattr(args, name) is not None:
-            setattr(cfg, name, getattr(args, name))
-    if args.print_config:
-        from kosmos_g.platform.config import to_yaml
-
-        print(to_yaml(cfg))
-        return 0
-    try:
-        run(cfg)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return job_main(argv, presets(), "dreambench", ("subjects", "model", "dino", "clip", "out", "name"), run, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

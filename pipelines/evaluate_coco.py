@@ -15,7 +15,6 @@ counts and a grid of the first prompts and their images.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from kosmos_g.platform.config import Presets
+from kosmos_g.platform.config import Presets, job_main
 from kosmos_g.platform.progress import Progress
 
 GRID_ROWS = 8
@@ -157,28 +156,7 @@ def run(cfg: CocoConfig) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    registry = presets()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    registry.add_arguments(parser, default="coco")
-    shorthands = ("coco", "inception", "model", "out", "name")
-    for name in shorthands:
-        parser.add_argument(f"--{name}", default=None, help=f"shorthand for --set {name}=…")
-    args = parser.parse_args(argv)
-    cfg = registry.from_args(args)
-    for name in shorthands:
-        if getattr(args, name) is not None:
-            setattr(cfg, name, getattr(args, name))
-    if args.print_config:
-        from kosmos_g.platform.config import to_yaml
-
-        print(to_yaml(cfg))
-        return 0
-    try:
-        run(cfg)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return job_main(argv, presets(), "coco", ("coco", "inception", "model", "out", "name"), run, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import sys
 import types
 import typing
 from typing import Any, Callable, Generic, TypeVar
@@ -242,3 +243,28 @@ class Presets(Generic[T]):
                 config = from_yaml(self.cls, stream.read())
             return apply_overrides(config, args.overrides)
         return self.get(args.preset, args.overrides)
+
+
+def job_main(argv: list[str] | None, presets: "Presets[T]", default: str, shorthands: tuple[str, ...],
+             run: Callable[[T], Any], description: str) -> int:
+    """The command line of a preset-configured job: `--preset`, `--set`, `--config`,
+    `--print-config`, plus `--<field> VALUE` shorthands for top-level fields. A ValueError or
+    FileNotFoundError from `run` (bad input) is printed and exits 2, nothing else is caught."""
+    parser = argparse.ArgumentParser(description=description)
+    presets.add_arguments(parser, default=default)
+    for name in shorthands:
+        parser.add_argument(f"--{name}", default=None, help=f"shorthand for --set {name}=…")
+    args = parser.parse_args(argv)
+    cfg = presets.from_args(args)
+    for name in shorthands:
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if args.print_config:
+        print(to_yaml(cfg))
+        return 0
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -302,6 +302,12 @@ def download_dir(uri: str, local_dir: str | os.PathLike) -> Path:
     return root
 
 
+def _cache_target(location: Location, cache_root: str | os.PathLike | None) -> tuple[Path, Path]:
+    """(cache root, where the object or tree at `location` is cached under it)."""
+    cache = Path(cache_root or os.environ.get("KOSMOS_CACHE_DIR", Path.home() / ".cache" / "kosmos-g"))
+    return cache, cache / location.bucket / location.path.strip("/")
+
+
 def local_dir(uri: str, cache_root: str | os.PathLike | None = None) -> Path:
     """A local directory holding the tree at `uri`: the path itself for local
     URIs, else a cache copy (reused when already complete). Models only ever see
@@ -311,8 +317,7 @@ def local_dir(uri: str, cache_root: str | os.PathLike | None = None) -> Path:
         if not os.path.isdir(location.path):
             raise StorageNotFound(f"no such directory: {location.path}")
         return Path(location.path)
-    cache = Path(cache_root or os.environ.get("KOSMOS_CACHE_DIR", Path.home() / ".cache" / "kosmos-g"))
-    target = cache / location.bucket / location.path.strip("/")
+    cache, target = _cache_target(location, cache_root)
     marker = target / ".complete"
     if marker.exists():
         return target
@@ -337,8 +342,7 @@ def local_file(uri: str, cache_root: str | os.PathLike | None = None) -> Path:
         if not os.path.isfile(location.path):
             raise StorageNotFound(f"no such file: {location.path}")
         return Path(location.path)
-    cache = Path(cache_root or os.environ.get("KOSMOS_CACHE_DIR", Path.home() / ".cache" / "kosmos-g"))
-    target = cache / location.bucket / location.path.strip("/")
+    _, target = _cache_target(location, cache_root)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
