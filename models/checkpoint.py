@@ -6,13 +6,16 @@ without the original CLIP weights. The frozen image decoder is not stored by
 `save_trainable`: `load_model` reads it from `image_decoder.pretrained_path`. A servable
 bundle (`save_servable`) also carries the decoder in diffusers layout under
 `image_decoder/` when it has no pretrained path (random tiny decoders); a relative
-`pretrained_path` is resolved against the checkpoint directory.
+`pretrained_path` is resolved against the checkpoint directory. The text vocabulary (the
+official sentencepiece.bpe.model + dict.txt, or a custom SentencePiece model) is copied into
+`tokenizer/`, so a bundle's ids always decode with the vocabulary it was trained with.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,8 @@ from .config import apply_overrides, config_from_dict, config_to_dict
 
 WEIGHTS_NAME = "model.safetensors"
 DECODER_DIR = "image_decoder"
+TOKENIZER_DIR = "tokenizer"
+OFFICIAL_VOCAB_FILES = ("sentencepiece.bpe.model", "dict.txt")
 CONFIG_NAME = "config.json"
 PARTS = ("mllm", "aligner")
 
@@ -43,12 +48,35 @@ def checkpoint_config(model) -> dict[str, Any]:
     return config_to_dict(cfg)
 
 
+def _copy_vocabulary(config: dict[str, Any], directory: Path) -> None:
+    """Copy the text vocabulary a checkpoint's ids mean into `<directory>/tokenizer/` and point
+    the config there (relative), so a bundle decodes the same ids wherever it is loaded.
+    Vocabularies that are not local files (the shipped default, an unresolved URI) stay as named."""
+    tokenizer = config["tokenizer"]
+    target = directory / TOKENIZER_DIR
+    if tokenizer.get("kind") == "official" and tokenizer.get("vocab_dir"):
+        source = Path(tokenizer["vocab_dir"])
+        if all((source / name).is_file() for name in OFFICIAL_VOCAB_FILES):
+            target.mkdir(exist_ok=True)
+            for name in OFFICIAL_VOCAB_FILES:
+                shutil.copyfile(source / name, target / name)
+            tokenizer["vocab_dir"] = TOKENIZER_DIR
+    elif tokenizer.get("sentencepiece_path") and Path(tokenizer["sentencepiece_path"]).is_file():
+        source = Path(tokenizer["sentencepiece_path"])
+        target.mkdir(exist_ok=True)
+        shutil.copyfile(source, target / source.name)
+        tokenizer["sentencepiece_path"] = f"{TOKENIZER_DIR}/{source.name}"
+
+
 def save_trainable(model, directory: str | Path) -> Path:
-    """Write `model.safetensors` + `config.json` into `directory`; returns the directory."""
+    """Write `model.safetensors` + `config.json` (+ the text vocabulary, `tokenizer/`) into
+    `directory`; returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(trainable_state_dict(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    (directory / CONFIG_NAME).write_text(json.dumps(checkpoint_config(model), indent=2) + "\n")
+    config = checkpoint_config(model)
+    _copy_vocabulary(config, directory)
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
 
@@ -83,6 +111,12 @@ def load_config(directory: str | Path, overrides: dict[str, Any] | None = None):
     decoder_path = cfg.image_decoder.pretrained_path
     if decoder_path and not Path(decoder_path).is_absolute() and (directory / decoder_path).is_dir():
         cfg.image_decoder.pretrained_path = str(directory / decoder_path)
+    # A vocabulary copied into the bundle (relative path) is read from the bundle.
+    vocab_dir, spm_path = cfg.tokenizer.vocab_dir, cfg.tokenizer.sentencepiece_path
+    if vocab_dir and not Path(vocab_dir).is_absolute() and (directory / vocab_dir).is_dir():
+        cfg.tokenizer.vocab_dir = str(directory / vocab_dir)
+    if spm_path and not Path(spm_path).is_absolute() and (directory / spm_path).is_file():
+        cfg.tokenizer.sentencepiece_path = str(directory / spm_path)
     return cfg
 
 

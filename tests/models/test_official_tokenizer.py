@@ -71,3 +71,44 @@ def test_paper_preset_selects_the_official_vocabulary():
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="dict.txt"):
         OfficialTokenizer(tmp_path)
+
+
+@needs_files
+def test_a_bundle_carries_its_vocabulary(tmp_path):
+    """save_servable copies the official files into the bundle; a moved bundle decodes the
+    same ids from its own copy (the original folder is not needed)."""
+    import shutil
+
+    import torch
+
+    from kosmos_g.models.checkpoint import load_model, save_servable
+    from kosmos_g.models.kosmos_g import KosmosG
+
+    vocab = tmp_path / "vocab"
+    shutil.copytree(OFFICIAL, vocab, ignore=shutil.ignore_patterns("*.py"))
+    cfg = model_preset("tiny")
+    cfg.tokenizer = TokenizerConfig(kind="official", vocab_dir=str(vocab), max_length=cfg.tokenizer.max_length)
+    torch.manual_seed(0)
+    model = KosmosG.from_config(cfg)
+    bundle = save_servable(model, tmp_path / "bundle")
+    assert sorted(p.name for p in (bundle / "tokenizer").iterdir()) == ["dict.txt", "sentencepiece.bpe.model"]
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(bundle), moved)
+    shutil.rmtree(vocab)
+    loaded = load_model(moved)
+    assert loaded.config.tokenizer.vocab_dir == str(moved / "tokenizer")
+    text = "a photo of a dog on the beach"
+    assert loaded.tokenizer.text.encode(text) == model.tokenizer.text.encode(text)
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval().encode_prompts([text]), model.eval().encode_prompts([text]), atol=1e-5)
+
+
+def test_a_bundle_of_the_shipped_vocabulary_copies_nothing(tmp_path):
+    import torch
+
+    from kosmos_g.models.checkpoint import save_servable
+    from kosmos_g.models.kosmos_g import KosmosG
+
+    torch.manual_seed(0)
+    bundle = save_servable(KosmosG.from_config(model_preset("tiny")), tmp_path / "bundle")
+    assert not (bundle / "tokenizer").exists()
