@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 
 def default_root() -> str:
-    root = os.environ.get("KOSMOS_STORAGE_ROOT") or os.path.abspath(".kosmos/storage")
-    return root.rstrip("/") + "/datasets"
+    from kosmos_g.platform import storage
+
+    return storage.default_root("datasets")
 
 
 def register(subparsers) -> None:

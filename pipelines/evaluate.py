@@ -15,7 +15,6 @@ reference → generated pairs as `dreambench/samples.png`.
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from dataclasses import dataclass
@@ -94,15 +93,10 @@ class Scorer:
         self.clip = ClipScorer(str(storage.local_dir(clip)))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from PIL import Image
+        from kosmos_g.platform.evaluation.grid import open_image
 
-        from kosmos_g.platform import storage
-
-        def load(uri: str):
-            return Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB")
-
-        generated = [load(uri) for uri in batch["image_uri"]]
-        references = [load(uri) for uri in batch["reference"]]
+        generated = [open_image(uri) for uri in batch["image_uri"]]
+        references = [open_image(uri) for uri in batch["reference"]]
         return {**batch, "dino": np.array(self.dino.pair_scores(generated, references)),
                 "clip_i": np.array(self.clip.image_scores(generated, references)),
                 "clip_t": np.array(self.clip.text_scores(generated, list(batch["text"])))}
@@ -150,21 +144,22 @@ def run(cfg: EvalConfig) -> dict[str, float]:
     import os
     import tempfile
 
-    from kosmos_g.pipelines.generate import generate_rows
+    from kosmos_g.pipelines.generate import done_keys, generate_rows, image_uri
     from kosmos_g.platform import storage, tracking
     from kosmos_g.platform.stack import cluster
 
     if not (cfg.subjects and cfg.dino and cfg.clip):
         raise ValueError("--subjects, --dino and --clip are required (folders, local or s3://)")
     cluster.connect()
-    out = cfg.out or (os.environ.get("KOSMOS_STORAGE_ROOT") or os.path.abspath(".kosmos/storage")) + f"/eval/{cfg.name}"
+    out = cfg.out or storage.default_root("eval", cfg.name)
     run_id, _ = tracking.start_run("evaluate", cfg.name, cfg, tags={"benchmark": "dreambench"})
     rows, targets = generation_rows(cfg, subject_images(cfg.subjects))
     print(f"[evaluate] {len(targets)} images to score from {len({t['subject'] for t in targets.values()})} subjects",
           flush=True)
     generate_rows(rows, out, str(tracking.resolve_artifacts(cfg.model)), cfg.batch_size)
-    images = [{"key": key, "image_uri": storage.join(out, "images", f"{key}.png"), **target}
-              for key, target in targets.items() if storage.exists(storage.join(out, "images", f"{key}.png"))]
+    written = done_keys(out)
+    images = [{"key": key, "image_uri": image_uri(out, key), **target}
+              for key, target in targets.items() if key in written]
     scores = score_images(images, cfg.dino, cfg.clip)
     metrics, table = summarise(scores)
     metrics["dreambench_images"] = float(len(scores))

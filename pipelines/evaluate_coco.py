@@ -114,20 +114,19 @@ def inception_features(uris_real: list[str], uris_generated: list[str], cfg: Coc
     return np.stack(real), np.stack(generated)
 
 
-def log_grid(run_id: str, rows: list[dict], out: str) -> None:
-    from kosmos_g.platform import storage, tracking
+def log_grid(run_id: str, rows: list[dict], out: str, written: set[str]) -> None:
+    from kosmos_g.pipelines.generate import image_uri
+    from kosmos_g.platform import tracking
     from kosmos_g.platform.evaluation.grid import open_image, prompt_grid
 
-    shown = [{"text": r["prompt"], "generated": open_image(storage.join(out, "images", f"{r['key']}.png"))}
-             for r in rows[:GRID_ROWS] if storage.exists(storage.join(out, "images", f"{r['key']}.png"))]
+    shown = [{"text": r["prompt"], "generated": open_image(image_uri(out, r["key"]))}
+             for r in rows if r["key"] in written][:GRID_ROWS]
     if shown:
         tracking.client().log_image(run_id, prompt_grid(shown, max_references=0), "coco/samples.png")
 
 
 def run(cfg: CocoConfig) -> dict[str, float]:
-    import os
-
-    from kosmos_g.pipelines.generate import generate_rows
+    from kosmos_g.pipelines.generate import done_keys, generate_rows, image_uri
     from kosmos_g.platform import storage, tracking
     from kosmos_g.platform.evaluation.metrics import fid_from_features
     from kosmos_g.platform.stack import cluster
@@ -135,7 +134,7 @@ def run(cfg: CocoConfig) -> dict[str, float]:
     if not (cfg.coco and cfg.inception):
         raise ValueError("--coco and --inception are required (a COCO folder and the FID Inception file)")
     cluster.connect()
-    out = cfg.out or (os.environ.get("KOSMOS_STORAGE_ROOT") or os.path.abspath(".kosmos/storage")) + f"/eval/{cfg.name}"
+    out = cfg.out or storage.default_root("eval", cfg.name)
     annotations, real_uris = read_coco(cfg.coco)
     if cfg.real_images:
         real_uris = real_uris[:cfg.real_images]
@@ -143,13 +142,13 @@ def run(cfg: CocoConfig) -> dict[str, float]:
     run_id, _ = tracking.start_run("evaluate", cfg.name, cfg, tags={"benchmark": "coco-fid"})
     print(f"[coco] {len(rows)} captions to generate for, {len(real_uris)} real images", flush=True)
     summary = generate_rows(rows, out, str(tracking.resolve_artifacts(cfg.model)), cfg.batch_size)
-    generated_uris = [storage.join(out, "images", f"{r['key']}.png") for r in rows]
-    generated_uris = [u for u in generated_uris if storage.exists(u)]
+    written = done_keys(out)
+    generated_uris = [image_uri(out, r["key"]) for r in rows if r["key"] in written]
     real, generated = inception_features(real_uris, generated_uris, cfg)
     metrics = {"coco_fid": fid_from_features(real, generated), "coco_real_images": float(len(real)),
                "coco_generated_images": float(len(generated)), "coco_skipped_rows": float(summary["skipped"])}
     tracking.log_metrics(run_id, metrics, 0)
-    log_grid(run_id, rows, out)
+    log_grid(run_id, rows, out, written)
     tracking.end_run(run_id)
     print(json.dumps({"run_id": run_id, **metrics}), flush=True)
     return metrics

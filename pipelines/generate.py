@@ -40,6 +40,13 @@ def read_prompts(uri: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
 
 
+def image_uri(out: str, key: str) -> str:
+    """Where the job writes the PNG of row `key`."""
+    from kosmos_g.platform import storage
+
+    return storage.join(out, "images", f"{key}.png")
+
+
 def done_keys(out: str) -> set[str]:
     from kosmos_g.platform import storage
 
@@ -156,7 +163,7 @@ class ImageDenoiser:
             for i, image in zip(rows, images):
                 buffer = io.BytesIO()
                 image.save(buffer, format="PNG")
-                uris[i] = storage.join(self.out, "images", f"{batch['key'][i]}.png")
+                uris[i] = image_uri(self.out, batch["key"][i])
                 storage.write_bytes(uris[i], buffer.getvalue())
                 seconds[i] = per_image
         return {"key": batch["key"], "image_uri": np.array(uris, dtype=object), "seed": batch["seed"],

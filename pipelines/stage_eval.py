@@ -40,16 +40,16 @@ def plain_text(prompt: str) -> str:
 
 def evaluate_bundle(cfg: StageConfig, run_id: str, bundle: Path) -> dict[str, float]:
     from kosmos_g.pipelines.evaluate import log_grid, score_images, summarise
-    from kosmos_g.pipelines.generate import generate_rows
+    from kosmos_g.pipelines.generate import done_keys, generate_rows, image_uri
     from kosmos_g.platform import storage, tracking
 
     rows = eval_rows(cfg)
     out = storage.join(cfg.resolved_storage_path(), cfg.name, f"eval-{run_id[:8]}")
     generate_rows(rows, out, str(bundle), cfg.eval.batch_size)
-    images = [{"image_uri": storage.join(out, "images", f"{row['key']}.png"), "reference": row["images"][0],
+    written = done_keys(out)
+    images = [{"image_uri": image_uri(out, row["key"]), "reference": row["images"][0],
                "text": row.get("text") or plain_text(row["prompt"]), "subject": row.get("subject") or row["key"]}
-              for row in rows]
-    images = [item for item in images if storage.exists(item["image_uri"])]
+              for row in rows if row["key"] in written]
     if not images:
         raise RuntimeError(f"eval.prompts: no row of {cfg.eval.prompts} could be generated (see the job log)")
     metrics, _ = summarise(score_images(images, cfg.eval.dino, cfg.eval.clip), prefix="eval")

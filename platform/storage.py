@@ -70,6 +70,13 @@ def parse(uri: str | os.PathLike) -> Location:
     return Location("file", "", os.path.abspath(text))
 
 
+def default_root(*parts: str) -> str:
+    """`$KOSMOS_STORAGE_ROOT` (the local stack exports it), else `.kosmos/storage` under the
+    current directory, with `parts` joined on."""
+    root = os.environ.get("KOSMOS_STORAGE_ROOT") or os.path.abspath(".kosmos/storage")
+    return join(root, *parts) if parts else root
+
+
 def join(base: str, *parts: str) -> str:
     """Join URI path parts with '/' (plain paths use the OS separator)."""
     location = parse(base)

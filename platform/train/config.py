@@ -7,10 +7,10 @@ and `paper` (the paper's sizes, batch sizes, learning rates and step counts).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from kosmos_g.models.config import ModelConfig, model_preset
+from kosmos_g.platform import storage
 from kosmos_g.platform.config import ConfigError, Presets
 from kosmos_g.platform.data.datastream import DataConfig
 
@@ -102,8 +102,7 @@ class StageConfig:
     def resolved_storage_path(self) -> str:
         if self.storage_path:
             return self.storage_path
-        root = os.environ.get("KOSMOS_STORAGE_ROOT") or os.path.abspath(".kosmos/storage")
-        return root.rstrip("/") + "/ray-train"
+        return storage.default_root("ray-train")
 
     def validate(self) -> None:
         if self.stage not in PIPELINES:
@@ -160,8 +159,7 @@ def check_real_inputs(cfg: StageConfig) -> None:
 
 def sample_data_root() -> str:
     """Where the bundled sample shards live (`kosmos-g data samples` writes them)."""
-    root = os.environ.get("KOSMOS_STORAGE_ROOT") or os.path.abspath(".kosmos/storage")
-    return root.rstrip("/") + "/datasets/samples"
+    return storage.default_root("datasets", "samples")
 
 
 def _sample_data() -> DataConfig:

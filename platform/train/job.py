@@ -147,13 +147,17 @@ def publish(cfg: StageConfig, run_id: str, checkpoint, evaluator=None) -> str | 
     return f"{cfg.registered_name}/{version}"
 
 
+# Final values shown on a registered version: losses, then the end-of-stage evaluation's scores.
+CARD_METRICS = ("eval_loss", "loss", "mse", "rec", "eval_dino", "eval_clip_i", "eval_clip_t")
+
+
 def version_card(cfg: StageConfig, run_id: str) -> tuple[dict[str, str], str]:
     """Tags and description telling, in the registry alone, what trained a version."""
     from kosmos_g.platform.data.datastream import STAGE_SOURCES
 
     metrics = tracking.client().get_run(run_id).data.metrics
     data = {f"data.{source}": getattr(cfg.data, source) or "" for source in STAGE_SOURCES[cfg.stage]}
-    final = {f"final.{key}": f"{metrics[key]:.4g}" for key in ("eval_loss", "loss", "mse", "rec", "eval_dino", "eval_clip_i", "eval_clip_t") if key in metrics}
+    final = {f"final.{key}": f"{metrics[key]:.4g}" for key in CARD_METRICS if key in metrics}
     tags = {"stage": str(cfg.stage), "job": cfg.name, "preset": cfg.model.name, "steps": str(cfg.train.steps),
             "init": cfg.init, "git_commit": tracking.git_commit(), **data, **final}
     sources = ", ".join(f"{key[5:]} from {value}" for key, value in data.items() if value)
