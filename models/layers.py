@@ -114,7 +114,9 @@ class SubLNBlock(nn.Module):
         self.self_norm = nn.LayerNorm(dim)
         self.self_attn = SubLNAttention(dim, num_heads, dropout=dropout, xpos_scale_base=xpos_scale_base)
         self.cross_norm = nn.LayerNorm(dim) if cross_attention else None
-        self.cross_attn = SubLNAttention(dim, num_heads, dropout=dropout) if cross_attention else None
+        # torchscale gives only self-attention the Sub-LN inner norm (MultiheadAttention builds
+        # inner_attn_ln when `subln and self_attention`): cross-attention has none.
+        self.cross_attn = SubLNAttention(dim, num_heads, dropout=dropout, sub_ln=False) if cross_attention else None
         self.ffn_norm = nn.LayerNorm(dim)
         self.ffn = SubLNFeedForward(dim, ffn_dim, activation, dropout)
         self.dropout = nn.Dropout(dropout)

@@ -25,8 +25,10 @@ from .layers import (SubLNAttention, SubLNBlock, document_mask, fairseq_position
 class VisionEncoder(nn.Module):
     """transformers `CLIPVisionModel` returning all (N, 1 + patches, width) tokens.
 
-    The final LayerNorm (`post_layernorm`) is applied to every token, not only the class
-    token, so the trainable last block and final norm shape everything the resampler sees.
+    As released (ClipVisualOnly): the final LayerNorm (`post_layernorm`) is applied to every
+    token, not only the class token, and each token is then L2-normalised; there is no
+    projection to CLIP's joint space. The trainable last block and final norm shape
+    everything the resampler sees.
     """
 
     def __init__(self, config: VisionConfig, meta: bool = False):
@@ -65,7 +67,7 @@ class VisionEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden = self.model(pixel_values=pixel_values).last_hidden_state
-        return self.model.post_layernorm(hidden)
+        return F.normalize(self.model.post_layernorm(hidden), dim=-1)
 
 
 class Resampler(nn.Module):

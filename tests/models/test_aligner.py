@@ -90,6 +90,9 @@ def test_released_structure_encoder_then_query_decoder(aligner):
     assert all(layer.cross_attn is None for layer in m.source.layers)  # encoder: self-attention only
     assert m.source.final_norm is not None
     assert m.queries.shape == (L_COND, D) and all(layer.cross_attn is not None for layer in m.query.layers)
+    # Sub-LN inner norm in self-attention only, as torchscale builds it (no norm in cross-attention).
+    assert all(isinstance(layer.self_attn.inner_norm, torch.nn.LayerNorm) for layer in m.query.layers)
+    assert all(isinstance(layer.cross_attn.inner_norm, torch.nn.Identity) for layer in m.query.layers)
     assert len(n.target.layers) == 2 and n.target.out_proj.out_features == SRC
     assert n.query.queries.shape[0] == 64  # one learned query per source position
 

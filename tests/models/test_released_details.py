@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from kosmos_g.models.layers import XPos
 from kosmos_g.models.prompt import parse_prompt
@@ -69,15 +70,17 @@ def test_condition_is_computed_without_the_closing_eos(tiny_model, photos):
     assert torch.allclose(condition, expected, atol=1e-5)
 
 
-def test_clip_tokens_are_layer_normed_before_the_resampler(tiny_model):
-    """As released: ln_post on every CLIP output token (class + patches), no projection."""
+def test_clip_tokens_are_layer_normed_and_l2_normalised_before_the_resampler(tiny_model):
+    """As released (ClipVisualOnly.forward): ln_post on every CLIP output token (class +
+    patches), then F.normalize per token; no projection."""
     vision = tiny_model.mllm.vision
     with torch.no_grad():
         pixels = torch.randn(2, 3, 32, 32)
         tokens = vision(pixels)
         raw = vision.model(pixel_values=pixels).last_hidden_state
     assert tokens.shape == raw.shape  # no projection to the joint embedding space
-    assert torch.allclose(tokens, vision.model.post_layernorm(raw), atol=1e-6)
+    assert torch.allclose(tokens, F.normalize(vision.model.post_layernorm(raw), dim=-1), atol=1e-6)
+    assert torch.allclose(tokens.norm(dim=-1), torch.ones(tokens.shape[:2]), atol=1e-5)
 
 
 def _reference_fairseq_sinusoid(num_positions: int, dim: int, padding_idx: int = 1) -> torch.Tensor:
