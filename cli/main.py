@@ -21,6 +21,7 @@ SUBCOMMANDS = [
     ("serve", "kosmos_g.cli.serve"),
     ("generate", "kosmos_g.cli.generate"),
     ("evaluate", "kosmos_g.cli.evaluate"),
+    ("import", "kosmos_g.cli.import_official"),
 ]
 
 

@@ -68,9 +68,9 @@ class ConditionEncoder:
     """Ray Data actor: prompt + images → condition and negative condition (batched)."""
 
     def __init__(self, bundle: str):
-        from kosmos_g.models.checkpoint import load_model
+        from kosmos_g.platform.weights import load_bundle
 
-        self.model = load_model(bundle).eval()
+        self.model = load_bundle(bundle).eval()
 
     def _segments(self, row: dict) -> list:
         from PIL import Image
@@ -124,9 +124,9 @@ class ImageDenoiser:
     go through the U-Net together (the serving denoiser's batching rule)."""
 
     def __init__(self, bundle: str, out: str):
-        from kosmos_g.models.checkpoint import load_model
+        from kosmos_g.platform.weights import load_bundle
 
-        self.model = load_model(bundle).eval()
+        self.model = load_bundle(bundle).eval()
         self.out = out
         self.pipelines: dict[str, Any] = {}
 

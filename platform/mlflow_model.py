@@ -55,9 +55,9 @@ class KosmosGModel(mlflow.pyfunc.PythonModel):
     """prompt (interleaved, `<image>`/`<i>` slots) + images -> one generated image per row."""
 
     def load_context(self, context) -> None:
-        from kosmos_g.models.checkpoint import load_model
+        from kosmos_g.platform.weights import load_bundle
 
-        self.model = load_model(context.artifacts[BUNDLE_ARTIFACT]).eval()
+        self.model = load_bundle(context.artifacts[BUNDLE_ARTIFACT]).eval()
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import math

@@ -62,3 +62,22 @@ def localize(cfg: ModelConfig) -> ModelConfig:
             local = storage.local_dir(value) if is_dir else local_file(value)
             setattr(node, name, str(local))
     return cfg
+
+
+def load_bundle(directory: str | os.PathLike, overrides: dict | None = None, device=None):
+    """`models.checkpoint.load_model` for a bundle whose config names `s3://` inputs (an SD
+    decoder or vocabulary kept in object storage, as an imported official bundle does):
+    those are fetched into the local cache before the model is built."""
+    from kosmos_g.models.checkpoint import WEIGHTS_NAME, load_config, load_trainable
+    from kosmos_g.models.kosmos_g import KosmosG
+
+    model = KosmosG.from_config(localize(load_config(directory, overrides)), device=device)
+    load_trainable(model, Path(directory) / WEIGHTS_NAME)
+    return model
+
+
+def bundle_config(directory: str | os.PathLike) -> ModelConfig:
+    """A bundle's config with its storage inputs made local (for parts built on their own)."""
+    from kosmos_g.models.checkpoint import load_config
+
+    return localize(load_config(directory))

@@ -68,11 +68,11 @@ def _png(image) -> bytes:
 
 def _load_decoder(model_uri: str, device: str):
     """Only the frozen image decoder of the bundle: this replica never runs the MLLM."""
-    from kosmos_g.models.checkpoint import load_config
     from kosmos_g.models.image_decoder import ImageDecoder
+    from kosmos_g.platform.weights import bundle_config
     from kosmos_g.serve.model_source import local_model_dir
 
-    config = load_config(local_model_dir(model_uri))
+    config = bundle_config(local_model_dir(model_uri))
     return ImageDecoder(config.image_decoder).to(device)
 
 

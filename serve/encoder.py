@@ -19,12 +19,12 @@ from kosmos_g.serve.runtime import MAX_WAITING_BATCHES, BatchStats, Coalescer, p
 class Encoder:
     def __init__(self, model_uri: str, max_batch_size: int, batch_wait_s: float, cache_size: int,
                  max_image_pixels: int):
-        from kosmos_g.models.checkpoint import load_model
         from kosmos_g.serve.encoding import ConditionEncoder
+        from kosmos_g.platform.weights import load_bundle
         from kosmos_g.serve.model_source import local_model_dir
 
         self.device = pick_device()
-        model = load_model(local_model_dir(model_uri), device=self.device)
+        model = load_bundle(local_model_dir(model_uri), device=self.device)
         # This replica never denoises: drop the U-Net, VAE and CLIP text teacher.
         model.image_decoder = None
         self.encoder = ConditionEncoder(model, cache_size=cache_size, max_image_pixels=max_image_pixels)

@@ -130,3 +130,27 @@ def clip_dir(tmp_path_factory) -> str:
     build_clip_tokenizer().save_pretrained(path)
     return str(path)
 
+
+
+def save_sd_folder(directory, decoder) -> None:
+    """A model's image decoder (+ CLIP text teacher) in Stable Diffusion's diffusers layout."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline(
+        vae=decoder.vae, text_encoder=decoder.text_encoder, tokenizer=decoder.clip_tokenizer, unet=decoder.unet,
+        scheduler=decoder.noise_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> str:
+    """The tiny preset's random SD decoder saved as a diffusers folder (a stand-in for SD v1.5)."""
+    import torch
+
+    from kosmos_g.models.config import model_preset
+    from kosmos_g.models.image_decoder import ImageDecoder
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("sd")
+    save_sd_folder(path, ImageDecoder(model_preset("tiny").image_decoder))
+    return str(path)

@@ -22,7 +22,7 @@ import torch
 
 from kosmos_g.platform import storage, tracking
 from kosmos_g.platform.config import from_dict
-from kosmos_g.platform.weights import localize
+from kosmos_g.platform.weights import load_bundle, localize
 from kosmos_g.platform.train.config import StageConfig
 
 STATE_FILE = "trainer_state.json"
@@ -36,12 +36,11 @@ MODEL_KEYS = ("input_ids", "attention_mask", "image_mask", "loss_mask", "pixel_v
 def build_model(cfg: StageConfig, init_uri: str | None, device: torch.device):
     """The stage's model: from a bundle when `init_uri` is set, else random.
     Every rank seeds identically so random initialisations agree."""
-    from kosmos_g.models.checkpoint import load_model
     from kosmos_g.models.kosmos_g import KosmosG
 
     torch.manual_seed(cfg.train.seed)
     if init_uri:
-        model = load_model(tracking.resolve_artifacts(init_uri))
+        model = load_bundle(tracking.resolve_artifacts(init_uri))
     else:
         model = KosmosG.from_config(localize(cfg.model))
     model.set_stage(cfg.stage)

@@ -23,11 +23,11 @@ def _photo(name: str):
 
 
 def sample_grid(bundle_dir: str | Path, steps: int = 10, seed: int = 0, columns: int = 2) -> Image.Image:
-    from kosmos_g.models.checkpoint import load_model
     from kosmos_g.models.generation import generate
     from kosmos_g.models.prompt import parse_prompt
+    from kosmos_g.platform.weights import load_bundle
 
-    model = load_model(bundle_dir).eval()
+    model = load_bundle(bundle_dir).eval()
     size = model.config.image_decoder.image_size
     images = []
     for text, photo_names in SAMPLE_PROMPTS:

@@ -11,6 +11,7 @@ from kosmos_g.models.config import model_preset
 from kosmos_g.models.kosmos_g import KosmosG
 from kosmos_g.platform import storage
 from kosmos_g.platform.weights import localize
+from tests.conftest import save_sd_folder
 
 OFFICIAL = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "official"
 
@@ -28,21 +29,11 @@ def _save_tiny_clip(directory: Path):
     return clip
 
 
-def _save_tiny_sd(directory: Path, model: KosmosG) -> None:
-    from diffusers import StableDiffusionPipeline
-
-    dec = model.image_decoder
-    StableDiffusionPipeline(
-        vae=dec.vae, text_encoder=dec.text_encoder, tokenizer=dec.clip_tokenizer, unet=dec.unet,
-        scheduler=dec.noise_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(directory)
-
-
 def test_s3_clip_and_sd_folders_build_the_model(tmp_path, s3_prefix, monkeypatch):
     monkeypatch.setenv("KOSMOS_CACHE_DIR", str(tmp_path / "cache"))
     clip = _save_tiny_clip(tmp_path / "clip")
     reference = KosmosG.from_config(model_preset("tiny"))
-    _save_tiny_sd(tmp_path / "sd", reference)
+    save_sd_folder(tmp_path / "sd", reference.image_decoder)
     storage.upload_dir(tmp_path / "clip", f"{s3_prefix}/clip-vit")
     storage.upload_dir(tmp_path / "sd", f"{s3_prefix}/sd15")
 
