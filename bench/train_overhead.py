@@ -52,7 +52,8 @@ def plain_loop(cfg) -> dict[str, float]:
 
     from kosmos_g.models.kosmos_g import KosmosG
     from kosmos_g.platform.data.datastream import collate_fn, training_dataset
-    from kosmos_g.platform.train.loop import MODEL_KEYS, lr_lambda
+    from kosmos_g.platform.train.loop import lr_lambda
+    from kosmos_g.platform.train.task import MODEL_KEYS
 
     torch.manual_seed(cfg.train.seed)
     model = KosmosG.from_config(cfg.model)

@@ -22,6 +22,7 @@ from kosmos_g.platform.config import ConfigError, to_dict, to_yaml
 from kosmos_g.platform.train.config import REGISTERED_NAMES, check_real_inputs, StageConfig, stage_presets
 from kosmos_g.platform.mlflow_model import save_pyfunc
 from kosmos_g.platform.train.loop import BUNDLE_DIR, train_loop_per_worker
+from kosmos_g.platform.train.task import StageTask
 
 
 @dataclass
@@ -71,7 +72,7 @@ def ensure_sample_data(cfg: StageConfig) -> None:
         write_sample_shards(root)
 
 
-def _storage(cfg: StageConfig):
+def _storage(cfg):
     """(storage_path, filesystem) for RunConfig; pyarrow needs the S3 endpoint passed explicitly."""
     path = cfg.resolved_storage_path()
     if storage.parse(path).scheme == "s3":
@@ -81,7 +82,7 @@ def _storage(cfg: StageConfig):
     return path, None
 
 
-def _use_gpu(cfg: StageConfig) -> bool:
+def _use_gpu(cfg) -> bool:
     import ray
 
     if cfg.train.use_gpu is not None:
@@ -90,26 +91,32 @@ def _use_gpu(cfg: StageConfig) -> bool:
 
 
 def fit(cfg: StageConfig, init_uri: str | None, run_id: str):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from kosmos_g.platform.data.datastream import collate_fn, training_dataset
 
-    import ray.data
-
-    # Progress bars would flood the job log; the loop prints its own progress.
-    ray.data.DataContext.get_current().enable_progress_bars = False
     ensure_sample_data(cfg)
     model_cfg = model_config_for(cfg, init_uri)
     # One skip counter per job, so concurrent jobs do not mix their counts.
     cfg.data.skip_counter = f"skips-{cfg.name}"
     dataset = training_dataset(cfg.stage, cfg.data, model_cfg)
+    return run_trainer(cfg, StageTask(cfg.stage), dataset, collate_fn(cfg.stage, model_cfg), init_uri, run_id)
+
+
+def run_trainer(cfg, task, dataset, collate, init_uri: str | None, run_id: str | None):
+    """Ray Train's TorchTrainer running the shared loop for `task` over `dataset`. `cfg` needs
+    `name`, `train`, `optim` and `resolved_storage_path()` (StageConfig, BackboneConfig)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    import ray.data
+
+    # Progress bars would flood the job log; the loop prints its own progress.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     storage_path, filesystem = _storage(cfg)
     fault_marker = storage.join(cfg.resolved_storage_path(), cfg.name, ".fault-injected")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "init_uri": init_uri, "run_id": run_id,
-                           "fault_marker": fault_marker, "collate": collate_fn(cfg.stage, model_cfg)},
+        train_loop_config={"config": to_dict(cfg), "task": task, "init_uri": init_uri, "run_id": run_id,
+                           "fault_marker": fault_marker, "collate": collate},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=_use_gpu(cfg),
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(

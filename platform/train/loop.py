@@ -4,7 +4,8 @@ its shard of the Ray Data stream.
 
 The loop reads as torchtitan's: `next_batch → forward_backward → optimizer_step`,
 with checkpoints (DeepSpeed engine state from every rank, reported to Ray Train)
-every `checkpoint_every` steps and metrics on rank 0.
+every `checkpoint_every` steps and metrics on rank 0. What is trained (a Kosmos-G stage or a
+mini backbone) is the `Task` in the loop config (task.py); `cfg` needs `train` and `optim`.
 """
 
 from __future__ import annotations
@@ -22,29 +23,10 @@ import torch
 
 from kosmos_g.platform import storage, tracking
 from kosmos_g.platform.config import from_dict
-from kosmos_g.platform.weights import load_bundle, localize
-from kosmos_g.platform.train.config import StageConfig
+from kosmos_g.platform.train.task import Task
 
 STATE_FILE = "trainer_state.json"
-BUNDLE_DIR = "bundle"  # the servable bundle rank 0 adds to the final checkpoint
-MODEL_KEYS = ("input_ids", "attention_mask", "image_mask", "loss_mask", "pixel_values")
-
-
-# ----------------------------------------------------------------- building
-
-
-def build_model(cfg: StageConfig, init_uri: str | None, device: torch.device):
-    """The stage's model: from a bundle when `init_uri` is set, else random.
-    Every rank seeds identically so random initialisations agree."""
-    from kosmos_g.models.kosmos_g import KosmosG
-
-    torch.manual_seed(cfg.train.seed)
-    if init_uri:
-        model = load_bundle(tracking.resolve_artifacts(init_uri))
-    else:
-        model = KosmosG.from_config(localize(cfg.model))
-    model.set_stage(cfg.stage)
-    return model.to(device).train()
+BUNDLE_DIR = "bundle"  # the finished model's files, added by rank 0 to the final checkpoint
 
 
 def say(message: str) -> None:
@@ -68,7 +50,7 @@ def lr_lambda(optim_cfg, total_steps: int):
     return factor
 
 
-def deepspeed_config(cfg: StageConfig, on_gpu: bool) -> dict[str, Any]:
+def deepspeed_config(cfg, on_gpu: bool) -> dict[str, Any]:
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)
     return {
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
@@ -81,7 +63,7 @@ def deepspeed_config(cfg: StageConfig, on_gpu: bool) -> dict[str, Any]:
     }
 
 
-def make_engine(model, cfg: StageConfig, on_gpu: bool):
+def make_engine(model, cfg, on_gpu: bool):
     """DeepSpeed engine over the model; only the stage's trainable parameters
     reach the optimiser, so frozen modules stay out of ZeRO's partitions."""
     import deepspeed
@@ -110,25 +92,23 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def forward_backward(engine, batch: dict[str, Any], cfg: StageConfig) -> dict[str, float]:
-    model_batch = {k: batch[k] for k in MODEL_KEYS}
-    outputs = engine(model_batch, captions=batch.get("captions"), target_pixels=batch.get("target_pixels"),
-                     cond_dropout=cfg.train.cond_dropout)
+def forward_backward(engine, batch: dict[str, Any], cfg, task: Task) -> dict[str, float]:
+    outputs = task.losses(engine, batch, cfg)
     engine.backward(outputs["loss"])
     return {name: float(value.detach()) for name, value in outputs.items()}
 
 
 @torch.no_grad()
-def eval_loss(model, batch: dict[str, Any], cfg: StageConfig, repeats: int = 4) -> float:
-    """The stage loss on one fixed batch with fixed noise and timesteps: a
+def eval_loss(model, batch: dict[str, Any], cfg, task: Task, repeats: int = 4) -> float:
+    """The loss on one fixed batch with fixed noise and timesteps: a
     training-progress signal free of the sampling noise of the step loss."""
     was_training = model.training
     model.eval()
-    generator = torch.Generator(device=batch["input_ids"].device).manual_seed(cfg.train.seed)
+    device = next(v.device for v in batch.values() if isinstance(v, torch.Tensor))
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
     total = 0.0
     for _ in range(repeats):
-        outputs = model({k: batch[k] for k in MODEL_KEYS}, captions=batch.get("captions"),
-                        target_pixels=batch.get("target_pixels"), generator=generator, cond_dropout=0.0)
+        outputs = task.losses(model, batch, cfg, generator=generator, training=False)
         total += float(outputs["loss"])
     model.train(was_training)
     return total / repeats
@@ -138,7 +118,7 @@ def optimizer_step(engine) -> None:
     engine.step()  # clips, steps the optimiser and the LR schedule, zeroes grads
 
 
-def batches(shard, cfg: StageConfig, collate) -> Iterator[dict[str, Any]]:
+def batches(shard, cfg, collate) -> Iterator[dict[str, Any]]:
     """Endless batches: the shard is re-iterated epoch after epoch."""
     while True:
         empty = True
@@ -153,7 +133,7 @@ def batches(shard, cfg: StageConfig, collate) -> Iterator[dict[str, Any]]:
 # ------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(engine, step: int, metrics: dict[str, float], rank: int, bundle_model=None) -> None:
+def save_checkpoint(engine, step: int, metrics: dict[str, float], rank: int, task: Task, final: bool) -> None:
     """Every rank writes its DeepSpeed shard into its own directory and reports it;
     Ray Train merges them into one checkpoint and registers it only when all
     uploads finished, so a checkpoint is never half-written."""
@@ -163,10 +143,8 @@ def save_checkpoint(engine, step: int, metrics: dict[str, float], rank: int, bun
         engine.save_checkpoint(directory, tag=f"step_{step}", client_state={"step": step})
         if rank == 0:
             Path(directory, STATE_FILE).write_text(json.dumps({"step": step, "tag": f"step_{step}"}))
-            if bundle_model is not None:
-                from kosmos_g.models.checkpoint import save_servable
-
-                save_servable(bundle_model, Path(directory) / BUNDLE_DIR)
+            if final:
+                task.save_bundle(engine.module, Path(directory) / BUNDLE_DIR)
         ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
@@ -183,7 +161,7 @@ def restore_checkpoint(engine) -> int:
     return int(state["step"])
 
 
-def maybe_inject_failure(cfg: StageConfig, step: int, rank: int, marker_uri: str) -> None:
+def maybe_inject_failure(cfg, step: int, rank: int, marker_uri: str) -> None:
     """Test hook: kill this worker process hard, once, at the chosen step."""
     if step != cfg.train.fail_at_step or rank != cfg.train.fail_rank or storage.exists(marker_uri):
         return
@@ -211,9 +189,9 @@ class Throughput:
         self.samples = self.tokens = self.steps = 0
         self.data_wait = 0.0
 
-    def add(self, batch: dict[str, Any], waited: float) -> None:
-        self.samples += int(batch["input_ids"].shape[0])
-        self.tokens += int(batch["attention_mask"].sum())
+    def add(self, counts: tuple[int, int], waited: float) -> None:
+        self.samples += counts[0]
+        self.tokens += counts[1]
         self.steps += 1
         self.data_wait += waited
 
@@ -232,7 +210,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = from_dict(StageConfig, loop_config["config"])
+    task: Task = loop_config["task"]
+    cfg = from_dict(task.config_type, loop_config["config"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -241,7 +220,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # One intra-op thread per reserved core: workers share the machine.
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
 
-    model = build_model(cfg, loop_config.get("init_uri"), device)
+    model = task.build(cfg, loop_config.get("init_uri"), device)
     engine = make_engine(model, cfg, on_gpu)
     step = restore_checkpoint(engine)
     if rank == 0:
@@ -259,19 +238,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         waited = time.perf_counter() - waited
         if eval_batch is None and rank == 0:
             eval_batch = batch
-            logger.log_metrics({"eval_loss": eval_loss(engine.module, eval_batch, cfg)}, step)
-        losses = forward_backward(engine, batch, cfg)
+            logger.log_metrics({"eval_loss": eval_loss(engine.module, eval_batch, cfg, task)}, step)
+        losses = forward_backward(engine, batch, cfg, task)
         if not math.isfinite(losses["loss"]):
             raise FloatingPointError(f"loss became {losses['loss']} at step {step}")
         optimizer_step(engine)
         step += 1
-        meter.add(batch, waited)
+        meter.add(task.count(batch), waited)
         window.append(losses["loss"])
         logger.log_metrics({**losses, "lr": engine.get_lr()[0]}, step)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             rates = meter.metrics(world_size)
             if rank == 0:
-                rates["eval_loss"] = eval_loss(engine.module, eval_batch, cfg)
+                rates["eval_loss"] = eval_loss(engine.module, eval_batch, cfg, task)
             logger.log_metrics(rates, step)
             if rank == 0:
                 say(f"[{cfg.pipeline}] step {step}/{cfg.train.steps} loss {sum(window) / len(window):.4f} "
@@ -283,5 +262,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # Metrics up to a checkpoint are on the server before the checkpoint exists, so a
             # restart from it never leaves a gap in the curves.
             logger.flush()
-            save_checkpoint(engine, step, losses, rank, bundle_model=engine.module if final and rank == 0 else None)
+            save_checkpoint(engine, step, losses, rank, task, final)
     logger.close()

@@ -1,0 +1,73 @@
+"""What a training job trains, as the shared loop (loop.py) sees it.
+
+The loop (DeepSpeed engine, checkpoints, metrics, fault handling) is the same for the three
+Kosmos-G stages and for the mini backbones of the miniature world; a `Task` supplies the part that
+differs: its config type, the model each worker builds, the loss of a batch and the files of the
+finished model. Tasks travel to Ray Train workers by pickling, so they hold plain data only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+MODEL_KEYS = ("input_ids", "attention_mask", "image_mask", "loss_mask", "pixel_values")
+
+
+class Task:
+    config_type: type
+
+    def build(self, cfg, init_uri: str | None, device: torch.device) -> torch.nn.Module:
+        """The model to train, with `trainable_parameters()`; identical on every rank."""
+        raise NotImplementedError
+
+    def losses(self, model, batch: dict[str, Any], cfg, generator: torch.Generator | None = None,
+               training: bool = True) -> dict[str, torch.Tensor]:
+        """{"loss": ..., other terms}. `model` is the DeepSpeed engine or the bare module;
+        `training=False` (the fixed-batch eval loss) turns off random dropouts of conditions."""
+        raise NotImplementedError
+
+    def save_bundle(self, model, directory) -> None:
+        """The finished model's files (what gets logged and registered)."""
+        raise NotImplementedError
+
+    def count(self, batch: dict[str, Any]) -> tuple[int, int]:
+        """(samples, tokens) in a batch, for throughput metrics."""
+        return int(batch["input_ids"].shape[0]), int(batch["attention_mask"].sum())
+
+
+class StageTask(Task):
+    """A Kosmos-G training stage (1 pretrain, 2 align, 3 instruct) of `KosmosG`."""
+
+    def __init__(self, stage: int):
+        self.stage = stage
+
+    @property
+    def config_type(self):
+        from kosmos_g.platform.train.config import StageConfig
+
+        return StageConfig
+
+    def build(self, cfg, init_uri, device):
+        from kosmos_g.models.kosmos_g import KosmosG
+        from kosmos_g.platform import tracking
+        from kosmos_g.platform.weights import load_bundle, localize
+
+        torch.manual_seed(cfg.train.seed)
+        if init_uri:
+            model = load_bundle(tracking.resolve_artifacts(init_uri))
+        else:
+            model = KosmosG.from_config(localize(cfg.model))
+        model.set_stage(cfg.stage)
+        return model.to(device).train()
+
+    def losses(self, model, batch, cfg, generator=None, training=True):
+        return model({k: batch[k] for k in MODEL_KEYS}, captions=batch.get("captions"),
+                     target_pixels=batch.get("target_pixels"), generator=generator,
+                     cond_dropout=cfg.train.cond_dropout if training else 0.0)
+
+    def save_bundle(self, model, directory):
+        from kosmos_g.models.checkpoint import save_servable
+
+        save_servable(model, directory)
