@@ -169,3 +169,23 @@ class ImageDecoder(nn.Module):
         """VAE posterior sample x scaling factor, for (B, 3, H, W) pixels in [-1, 1]."""
         posterior = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
         return posterior.sample(generator) * self.vae.config.scaling_factor
+
+
+def noised_latents(scheduler, latents: torch.Tensor, generator: torch.Generator | None = None):
+    """One draw of the denoising objective: (noisy latents, timesteps, regression target), the
+    target being the noise or the velocity as `scheduler.config.prediction_type` says."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    rand_device = generator.device if generator is not None else latents.device
+    noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                              device=rand_device).to(latents.device)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    return scheduler.add_noise(latents, noise, timesteps), timesteps, target
+

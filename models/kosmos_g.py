@@ -19,7 +19,7 @@ from torch import nn
 
 from .aligner import AlignerNet
 from .config import ModelConfig
-from .image_decoder import ImageDecoder
+from .image_decoder import ImageDecoder, noised_latents
 from .mllm import MLLM
 from .prompt import BATCH_KEYS, InterleavedTokenizer, Segment
 
@@ -160,24 +160,11 @@ class KosmosG(nn.Module):
         """Stage 3: denoising MSE through the frozen U-Net, gradients flowing into the condition.
 
         `target_pixels`: (B, 3, H, W) in [-1, 1] (see images.vae_preprocess)."""
-        from diffusers.utils.torch_utils import randn_tensor
-
         decoder = self.image_decoder
-        scheduler = decoder.noise_scheduler
         latents = decoder.encode_latents(target_pixels, generator)
         n = latents.shape[0]
         rand_device = generator.device if generator is not None else latents.device
-        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator,
-                                  device=rand_device).to(latents.device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        prediction_type = scheduler.config.prediction_type
-        if prediction_type == "epsilon":
-            target = noise
-        elif prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+        noisy, timesteps, target = noised_latents(decoder.noise_scheduler, latents, generator)
         condition = self.encode(batch)
         if condition.shape[0] != n:
             raise ValueError(f"{condition.shape[0]} prompts for {n} target images")

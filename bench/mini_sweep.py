@@ -1,0 +1,198 @@
+"""Which mini-decoder recipe learns the miniature world's colours? A measured sweep.
+
+Trains, in one process with plain PyTorch loops (a recipe search, not the platform's jobs):
+the mini CLIP (contrastive, on world captions), the mini VAE, then one U-Net per recipe
+conditioned on the frozen mini CLIP text encoder; each U-Net draws text-to-image samples for
+single-object prompts of the training split, and the world scorer reads colour, shape and
+background back from the pixels. Prints one table row per recipe; chance is 1/8 for colours
+and 1/4 for shapes.
+
+    .venv/bin/python bench/mini_sweep.py                      # ≈ 75 min on 1 core
+    .venv/bin/python bench/mini_sweep.py --unet-steps 200 --recipes v_zero_pooled   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kosmos_g.models.images import CLIP_MEAN, CLIP_STD
+from kosmos_g.models.mini import (MiniClipConfig, MiniDecoderConfig, build_clip, build_scheduler, build_unet,
+                                  build_vae, clip_loss, vae_loss)
+from kosmos_g.models.tokenizers import build_clip_tokenizer
+from kosmos_g.platform.data import world
+from kosmos_g.platform.data.world_scorer import read_scene
+
+RECIPES = {
+    "eps": dict(prediction_type="epsilon", zero_terminal_snr=False, pooled_text=False),
+    "v_zero": dict(prediction_type="v_prediction", zero_terminal_snr=True, pooled_text=False),
+    "v_zero_pooled": dict(prediction_type="v_prediction", zero_terminal_snr=True, pooled_text=True),
+}
+
+
+def scene_tensors(count: int, seed: int, size: int) -> tuple[torch.Tensor, list[str]]:
+    """(N, 3, size, size) in [-1, 1] and captions, training split."""
+    scene_list = world.scenes(seed, count, "train")
+    images = np.stack([np.asarray(s.render().resize((size, size), resample=2)) for s in scene_list])
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return pixels, [s.caption for s in scene_list]
+
+
+def clip_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return ((pixels + 1) / 2 - mean) / std
+
+
+def train(module, loss_fn, steps: int, lr: float, batch_of, label: str) -> float:
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+    started, window = time.perf_counter(), []
+    for step in range(1, steps + 1):
+        loss = loss_fn(*batch_of(step))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        window.append(float(loss))
+        if step % max(1, steps // 10) == 0 or step == steps:
+            print(f"[{label}] step {step}/{steps} loss {np.mean(window):.4f} "
+                  f"({(time.perf_counter() - started) / step:.2f} s/step)", flush=True)
+            last, window = float(np.mean(window)), []
+    return last
+
+
+@torch.no_grad()
+def sample(unet, vae, scheduler_config, condition, empty, steps: int, guidance: float, seed: int) -> torch.Tensor:
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    latents = torch.randn(condition.shape[0], unet.config.in_channels, size, size, generator=generator)
+    both = torch.cat([empty.expand(condition.shape[0], -1, -1), condition])
+    for t in scheduler.timesteps:
+        out = unet(torch.cat([latents, latents]), t, encoder_hidden_states=both).sample
+        uncond, cond = out.chunk(2)
+        latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
+    return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+def score(images: torch.Tensor, prompts: list[tuple[str, str, str]]) -> dict[str, float]:
+    """Colour/shape of the largest object and the background, read from pixels."""
+    hits = {"colour": 0, "shape": 0, "background": 0}
+    for image, (colour, shape, background) in zip(images, prompts):
+        array = ((image.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        reading = read_scene(array)
+        hits["background"] += reading.background == background
+        if reading.objects:
+            largest = max(reading.objects, key=lambda o: o.area)
+            hits["colour"] += largest.colour == colour
+            hits["shape"] += largest.shape == shape
+    return {k: v / len(prompts) for k, v in hits.items()}
+
+
+def eval_prompts(count: int, seed: int) -> list[tuple[str, str, str]]:
+    rng = np.random.default_rng(seed)
+    prompts = []
+    while len(prompts) < count:
+        colour, background = rng.choice(world.COLOURS, 2, replace=False)
+        if world.held_out_background(colour) != background:
+            prompts.append((str(colour), str(rng.choice(world.SHAPES)), str(background)))
+    return prompts
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenes", type=int, default=8000)
+    parser.add_argument("--clip-steps", type=int, default=600)
+    parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--unet-steps", type=int, default=1500)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--eval-prompts", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="bench/results/mini_sweep.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    decoder_base = MiniDecoderConfig()
+    pixels, captions = scene_tensors(args.scenes, 0, decoder_base.image_size)
+    tokenizer = build_clip_tokenizer()
+    tokens = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    ids, mask = tokens.input_ids, tokens.attention_mask
+    rng = np.random.default_rng(0)
+
+    def indices(batch: int) -> torch.Tensor:
+        return torch.from_numpy(rng.integers(0, len(captions), batch))
+
+    clip = build_clip(MiniClipConfig())
+
+    def clip_batch(_):
+        i = indices(64)
+        return ids[i], mask[i], clip_pixels(pixels[i])
+
+    clip_final = train(clip, lambda a, m, p: clip_loss(clip, a, m, p), args.clip_steps, 5e-4, clip_batch, "clip")
+    text = clip.text_model.eval().requires_grad_(False)
+    with torch.no_grad():
+        hidden = torch.cat([text(input_ids=ids[i:i + 256]).last_hidden_state for i in range(0, len(ids), 256)])
+    condition_all, empty = hidden[:-1], hidden[-1:]
+
+    vae = build_vae(decoder_base)
+    vae_final = train(vae, lambda p: vae_loss(vae, p, decoder_base.vae_kl_weight)["loss"], args.vae_steps, 1e-3,
+                      lambda _: (pixels[indices(args.batch)],), "vae")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents_all = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+        scale = float(1 / latents_all.std())
+        vae.register_to_config(scaling_factor=scale)
+        reconstructed = vae.decode(latents_all[:256]).sample.clamp(-1, 1)
+    prompts_rec = [(s.objects[0].colour, s.objects[0].shape, s.background) for s in world.scenes(0, 256, "train")]
+    results = {"clip_loss": clip_final, "vae_loss": vae_final, "vae_scaling_factor": scale,
+               "vae_reconstruction": score(reconstructed, prompts_rec) if len(prompts_rec) else {}, "recipes": {}}
+    print(f"[vae] reconstructions read back: {results['vae_reconstruction']}", flush=True)
+
+    prompts = eval_prompts(args.eval_prompts, 1)
+    eval_tokens = tokenizer([f"a {c} {s} on a {b} background" for c, s, b in prompts], padding="max_length",
+                            max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        eval_condition = text(input_ids=eval_tokens.input_ids).last_hidden_state
+    for name in args.recipes.split(","):
+        cfg = MiniDecoderConfig(**RECIPES[name])
+        torch.manual_seed(0)
+        unet, scheduler = build_unet(cfg, condition_all.shape[-1]), build_scheduler(cfg)
+
+        def unet_loss(latents, condition):
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
+            drop = torch.rand(latents.shape[0]) < 0.1  # classifier-free guidance dropout
+            condition = torch.where(drop[:, None, None], empty, condition)
+            target = noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+            out = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=condition).sample
+            return F.mse_loss(out, target)
+
+        def unet_batch(_):
+            i = indices(args.batch)
+            return latents_all[i] * scale, condition_all[i]
+
+        started = time.perf_counter()
+        final = train(unet, unet_loss, args.unet_steps, 1e-3, unet_batch, f"unet {name}")
+        unet.eval()
+        images = sample(unet, vae, scheduler.config, eval_condition, empty, 25, 4.0, 0)
+        results["recipes"][name] = {"loss": final, "train_s": time.perf_counter() - started, **score(images, prompts)}
+        print(f"[unet {name}] {results['recipes'][name]}", flush=True)
+    print("\nrecipe            colour  shape  background  (chance 0.125 / 0.25 / 0.125)")
+    for name, row in results["recipes"].items():
+        print(f"{name:16s}  {row['colour']:6.2f} {row['shape']:6.2f} {row['background']:10.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Mini frozen backbones for the miniature world: stand-ins for CLIP ViT-L/14 and SD v1.5 that
+train from scratch on a CPU, saved in exactly the layouts the real ones load from.
+
+- Mini CLIP: transformers `CLIPModel` (text + vision towers, contrastive loss), trained on the
+  world's captions and scenes; its vision tower is the MLLM's image encoder and its text tower
+  the stage-2 teacher and the decoder's conditioning, as CLIP ViT-L/14 is for SD v1.5.
+- Mini decoder: diffusers `AutoencoderKL` (2x: 32 px scenes, 16 x 16 latents) + `UNet2DConditionModel`
+  conditioned on the frozen mini CLIP text encoder's 77 hidden states + `DDPMScheduler`.
+
+The decoder recipe choices that decide whether colours are learned (prediction type, zero
+terminal SNR, a pooled-text embedding added to the time embedding) are fields, measured by
+`bench/mini_sweep.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+CONDITION_LENGTH = 77  # SD's text length: the mini CLIP pads captions to it as SD's CLIP does
+
+
+@dataclass
+class MiniClipConfig:
+    width: int = 128  # text and vision towers; the text width is the U-Net condition width
+    layers: int = 4
+    heads: int = 4
+    image_size: int = 32
+    patch_size: int = 4
+    projection_dim: int = 128
+
+
+@dataclass
+class MiniDecoderConfig:
+    image_size: int = 32
+    latent_channels: int = 4
+    vae_channels: tuple[int, ...] = (32, 64)  # two blocks: 2x downsampling, 32 px -> 16 x 16 latents
+    unet_channels: tuple[int, ...] = (64, 128)
+    unet_head_dim: int = 32
+    prediction_type: str = "v_prediction"
+    zero_terminal_snr: bool = True  # the last timestep is pure noise: no mean-colour leak
+    pooled_text: bool = True  # diffusers "text" addition embedding: pooled condition + time
+    vae_kl_weight: float = 1e-6
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** (len(self.vae_channels) - 1)
+
+
+def build_clip(cfg: MiniClipConfig):
+    from transformers import CLIPConfig, CLIPModel
+
+    tower = dict(hidden_size=cfg.width, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+                 intermediate_size=4 * cfg.width)
+    return CLIPModel(CLIPConfig(
+        text_config=dict(tower, max_position_embeddings=CONDITION_LENGTH),
+        vision_config=dict(tower, image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_act="quick_gelu"),
+        projection_dim=cfg.projection_dim,
+    ))
+
+
+def clip_loss(clip, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric contrastive loss over the batch."""
+    return clip(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, return_loss=True).loss
+
+
+def build_vae(cfg: MiniDecoderConfig):
+    from diffusers import AutoencoderKL
+
+    blocks = len(cfg.vae_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+                         up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=tuple(cfg.vae_channels),
+                         layers_per_block=1, latent_channels=cfg.latent_channels, norm_num_groups=8,
+                         sample_size=cfg.image_size)
+
+
+def vae_loss(vae, pixels: torch.Tensor, kl_weight: float,
+             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Reconstruction MSE + a small KL term (pixels in [-1, 1]); `latent_power` (the mean square
+    of the posterior means) sets SD's latent `scaling_factor` once training ends."""
+    posterior = vae.encode(pixels).latent_dist
+    reconstruction = vae.decode(posterior.sample(generator)).sample
+    rec = F.mse_loss(reconstruction, pixels)
+    kl = posterior.kl().mean() / pixels[0].numel()
+    return {"loss": rec + kl_weight * kl, "rec": rec, "kl": kl,
+            "latent_power": posterior.mean.detach().pow(2).mean()}
+
+
+def build_unet(cfg: MiniDecoderConfig, condition_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    levels = len(cfg.unet_channels)
+    # "text": attention-pooled encoder_hidden_states added to the time embedding, so the
+    # condition steers every resolution (colours are global) without another input.
+    extra = dict(addition_embed_type="text",
+                 addition_embed_type_num_heads=max(1, condition_dim // cfg.unet_head_dim)) if cfg.pooled_text else {}
+    return UNet2DConditionModel(
+        sample_size=cfg.latent_size, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        block_out_channels=tuple(cfg.unet_channels), layers_per_block=1, norm_num_groups=32,
+        cross_attention_dim=condition_dim, attention_head_dim=cfg.unet_head_dim, **extra,
+    )
+
+
+def build_scheduler(cfg: MiniDecoderConfig):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                         beta_end=0.012, prediction_type=cfg.prediction_type, clip_sample=False,
+                         rescale_betas_zero_snr=cfg.zero_terminal_snr,
+                         timestep_spacing="trailing" if cfg.zero_terminal_snr else "leading", steps_offset=1)

@@ -1,0 +1,178 @@
+"""The driver of the mini-backbone jobs (pipelines/mini_clip.py, pipelines/mini_decoder.py):
+the miniature world's Stable-Diffusion-pretraining in small.
+
+    ray job submit -- python pipelines/mini_clip.py --preset mini       # -> kosmos-g-mini-clip
+    ray job submit -- python pipelines/mini_decoder.py --preset mini    # -> kosmos-g-mini-decoder
+
+Each streams the world's caption shards (written on first use) with Ray Data into the shared Ray
+Train + DeepSpeed loop, logs to MLflow and registers the result, tagged with a fingerprint of its
+config: a later run of the same config reuses that version unless `--set force=true`. The decoder
+job trains the VAE (its own MLflow run, `<name>-vae`), then the U-Net on the frozen mini CLIP.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import sys
+
+from kosmos_g.models.mini import MiniClipConfig, MiniDecoderConfig
+from kosmos_g.platform import storage, tracking
+from kosmos_g.platform.config import Presets, job_main, to_dict
+from kosmos_g.platform.data.datastream import DataConfig
+from kosmos_g.platform.stack import cluster
+from kosmos_g.platform.train.backbones import (BackboneConfig, ClipTask, UnetTask, VaeTask, backbone_dataset,
+                                               to_tensors)
+from kosmos_g.platform.train.config import OptimConfig, TrainConfig
+from kosmos_g.platform.train.job import checkpoint_uri, run_trainer
+from kosmos_g.platform.train.loop import BUNDLE_DIR
+
+WORLD_SCENES = 10_000  # scenes written when the world's shards are missing
+
+
+def world_captions() -> str:
+    return storage.default_root("world", "captions")
+
+
+def _data(samples_per_epoch: int) -> DataConfig:
+    # Preprocessing and reads share the second core with nothing else: one worker, small reservations.
+    return DataConfig(captions=world_captions(), num_cpus=0.25, workers=1, samples_per_epoch=samples_per_epoch,
+                      shuffle="blocks")
+
+
+def _train(steps: int, batch: int, checkpoint_every: int) -> TrainConfig:
+    return TrainConfig(steps=steps, batch_size=batch, num_workers=1, use_gpu=False, cpus_per_worker=1.0,
+                       zero_stage=0, checkpoint_every=checkpoint_every, log_every=max(1, min(50, steps // 4)),
+                       max_failures=2)
+
+
+def _mini(kind: str) -> BackboneConfig:
+    if kind == "clip":
+        return BackboneConfig(kind="clip", name="mini-clip", data=_data(0),
+                              optim=OptimConfig(lr=5e-4, warmup_steps=50), train=_train(600, 64, 200))
+    return BackboneConfig(kind="decoder", name="mini-decoder", vae_steps=800, data=_data(0),
+                          optim=OptimConfig(lr=1e-3, warmup_steps=50), train=_train(3000, 32, 500))
+
+
+def _tiny(kind: str) -> BackboneConfig:
+    cfg = _mini(kind)
+    cfg.name = f"mini-{kind}-tiny"
+    cfg.clip = MiniClipConfig(width=32, layers=1, heads=2, patch_size=8, projection_dim=32)
+    cfg.decoder = MiniDecoderConfig(image_size=16, vae_channels=(8, 16), unet_channels=(32, 64), unet_head_dim=16)
+    cfg.vae_steps = 12
+    cfg.data.samples_per_epoch = 256
+    cfg.optim = OptimConfig(lr=2e-3, warmup_steps=2)
+    cfg.train = _train(16, 8, 8)
+    return cfg
+
+
+def backbone_presets(kind: str) -> Presets[BackboneConfig]:
+    presets: Presets[BackboneConfig] = Presets(BackboneConfig)
+    presets.register("mini", lambda: _mini(kind))
+    presets.register("tiny", lambda: _tiny(kind))
+    return presets
+
+
+def fingerprint(cfg: BackboneConfig) -> str:
+    """What decides the trained weights: everything but names, locations and switches."""
+    data = to_dict(cfg)
+    for key in ("name", "storage_path", "register", "force"):
+        data.pop(key)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def registered_version(name: str, config_hash: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = tracking.client().search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    matching = [v for v in versions if v.tags.get("config_hash") == config_hash]
+    return max(matching, key=lambda v: int(v.version)).version if matching else None
+
+
+def ensure_world(cfg: BackboneConfig) -> None:
+    from kosmos_g.platform.data import shards
+    from kosmos_g.platform.data.world import write_world_shards
+
+    if cfg.data.captions == world_captions() and not storage.exists(storage.join(cfg.data.captions, shards.MANIFEST)):
+        print(f"[{cfg.pipeline}] writing the miniature world's shards ({WORLD_SCENES} scenes)", flush=True)
+        write_world_shards(storage.default_root("world"), count=WORLD_SCENES)
+
+
+def resolve_clip(cfg: BackboneConfig) -> str:
+    """A concrete URI of the frozen mini CLIP (a fixed version, so every worker reads the same)."""
+    if cfg.clip_model != "auto":
+        return cfg.clip_model
+    versions = tracking.client().search_model_versions("name = 'kosmos-g-mini-clip'") if tracking.latest_model_uri(
+        "kosmos-g-mini-clip") else []
+    if not versions:
+        raise ValueError("no registered kosmos-g-mini-clip: run pipelines/mini_clip.py first "
+                         "(or --set clip_model=URI)")
+    return f"models:/kosmos-g-mini-clip/{max(int(v.version) for v in versions)}"
+
+
+def _fit(cfg: BackboneConfig, task, pixels: str, image_size: int, run_id: str):
+    result = run_trainer(cfg, task, backbone_dataset(cfg, pixels, image_size), to_tensors, None, run_id)
+    if result.error:
+        raise result.error
+    return result
+
+
+def train_decoder(cfg: BackboneConfig, run_id: str):
+    clip_uri = resolve_clip(cfg)
+    tracking.client().set_tag(run_id, "clip_model", clip_uri)
+    vae_cfg = copy.deepcopy(cfg)
+    vae_cfg.name, vae_cfg.train.steps = f"{cfg.name}-vae", cfg.vae_steps
+    vae_cfg.train.checkpoint_every = min(cfg.train.checkpoint_every, cfg.vae_steps)
+    vae_run, _ = tracking.start_run(cfg.pipeline, vae_cfg.name, vae_cfg, tags={"part": "vae"})
+    vae = _fit(vae_cfg, VaeTask(), "vae", cfg.decoder.image_size, vae_run)
+    tracking.end_run(vae_run)
+    vae_uri = storage.join(checkpoint_uri(vae_cfg, vae.checkpoint), BUNDLE_DIR)
+    print(f"[{cfg.pipeline}] VAE trained ({vae_uri}); U-Net on the frozen {clip_uri}", flush=True)
+    return _fit(cfg, UnetTask(vae_uri, clip_uri), "vae", cfg.decoder.image_size, run_id)
+
+
+def run_backbone(cfg: BackboneConfig) -> str | None:
+    """Train (or reuse) and register one backbone; returns "name/version" when registered."""
+    cfg.validate()
+    cluster.connect()
+    config_hash = fingerprint(cfg)
+    existing = None if cfg.force else registered_version(cfg.registered_name, config_hash)
+    if existing:
+        print(f"[{cfg.pipeline}] {cfg.registered_name}/{existing} was trained with this config: reused "
+              "(--set force=true trains again)", flush=True)
+        return f"{cfg.registered_name}/{existing}"
+    ensure_world(cfg)
+    run_id, _ = tracking.start_run(cfg.pipeline, cfg.name, cfg, tags={"config_hash": config_hash})
+    try:
+        if cfg.kind == "clip":
+            result = _fit(cfg, ClipTask(), "clip", cfg.clip.image_size, run_id)
+        else:
+            result = train_decoder(cfg, run_id)
+        with result.checkpoint.as_directory() as directory:
+            tracking.log_dir(run_id, f"{directory}/{BUNDLE_DIR}", "model")
+        registered = None
+        if cfg.register:
+            version = tracking.register_model(
+                run_id, "model", cfg.registered_name,
+                tags={"config_hash": config_hash, "kind": cfg.kind, "steps": str(cfg.train.steps)},
+                description=f"Miniature-world {cfg.kind} backbone ({cfg.train.steps} steps), run {run_id}")
+            registered = f"{cfg.registered_name}/{version}"
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    tracking.end_run(run_id)
+    print(f"[{cfg.pipeline}] done: registered {registered}; run {run_id}", flush=True)
+    return registered
+
+
+def main(kind: str, argv: list[str] | None = None) -> int:
+    return job_main(argv, backbone_presets(kind), "mini", ("name",), run_backbone,
+                    f"Train the miniature world's mini {kind} on Ray Train + DeepSpeed")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2:]))
