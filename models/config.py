@@ -200,7 +200,30 @@ def _tiny() -> ModelConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "paper": _paper}
+def _mini() -> ModelConfig:
+    """Kosmos-G for the miniature world (models/mini.py backbones): the fields describe the mini
+    CLIP and mini decoder's shapes; training sets `pretrained_path`s to the registered ones."""
+    width = 128  # the mini CLIP's text width = the U-Net condition width
+    return ModelConfig(
+        name="mini",
+        mllm=MLLMConfig(
+            vision=VisionConfig(image_size=32, patch_size=4, hidden_size=width, num_layers=4, num_heads=4,
+                                intermediate_size=4 * width),
+            dim=256, num_layers=4, num_heads=4, ffn_dim=1024, image_tokens=8, resampler_heads=4, dropout=0.0,
+        ),
+        aligner=AlignerConfig(dim=width, num_layers=2, encoder_layers=2, num_heads=4, ffn_dim=4 * width,
+                              max_source_length=256),
+        image_decoder=ImageDecoderConfig(
+            image_size=32, condition_dim=width, unet_block_out_channels=(64, 128), unet_layers_per_block=1,
+            unet_attention_head_dim=32, vae_block_out_channels=(32, 64), vae_layers_per_block=1,
+            vae_norm_num_groups=8, text_num_layers=4, text_num_heads=4, text_intermediate_size=4 * width,
+            prediction_type="v_prediction",
+        ),
+        tokenizer=TokenizerConfig(max_length=256),
+    )
+
+
+PRESETS = {"tiny": _tiny, "mini": _mini, "paper": _paper}
 
 
 def model_preset(name: str) -> ModelConfig:

@@ -59,7 +59,7 @@ def load_clip_tokenizer(config: ImageDecoderConfig):
     CLIP's BPE merges (shipped with open-clip-torch unless `clip_bpe_path` is set)."""
     path = Path(config.pretrained_path) if config.pretrained_path else None
     tokenizer_dir = path / "tokenizer" if path is not None else None
-    if tokenizer_dir is not None and (tokenizer_dir / "vocab.json").is_file():
+    if tokenizer_dir is not None and any((tokenizer_dir / name).is_file() for name in ("vocab.json", "tokenizer.json")):
         from transformers import CLIPTokenizer
 
         return CLIPTokenizer.from_pretrained(tokenizer_dir)

@@ -254,6 +254,26 @@ def latest_model_uri(name: str) -> str | None:
     return f"models:/{name}/latest" if versions else None
 
 
+def pin_model_uri(uri: str) -> str:
+    """`models:/name/latest` as the concrete newest version (`models:/name/7`), so every worker of
+    a job reads the same files; other URIs unchanged. A name without versions is a ValueError."""
+    import re
+
+    match = re.fullmatch(r"models:/([\w.-]+)/latest", uri)
+    if not match:
+        return uri
+    name = match.group(1)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client().search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        versions = []
+    if not versions:
+        raise ValueError(f"{uri}: no version of {name} is registered yet")
+    return f"models:/{name}/{max(int(v.version) for v in versions)}"
+
+
 BUNDLE_ARTIFACT = "bundle"  # the registered MLflow model's artifact holding our bundle
 
 

@@ -4,7 +4,8 @@
 or its tokenizer from a ModelConfig (training workers, data preprocessing, serving, import)
 first calls `localize(cfg)`: each `s3://` folder (CLIP weights in transformers layout, Stable
 Diffusion in diffusers layout, the official vocabulary) or file (a SentencePiece model, CLIP's
-BPE merges) is copied once into the local cache and the config points at the copy.
+BPE merges) is copied once into the local cache and the config points at the copy. A registered
+model (`models:/kosmos-g-mini-clip/3`, the miniature world's backbones) is fetched from MLflow.
 """
 
 from __future__ import annotations
@@ -50,6 +51,32 @@ def local_file(uri: str) -> Path:
     return target
 
 
+REGISTRY_SCHEMES = ("models:/", "runs:/")
+
+
+def registry_dir(uri: str) -> Path:
+    """A local copy of a registered model's files (`models:/name/<version|latest|@alias>`,
+    `runs:/…`); a pinned version is cached (downloaded beside, then renamed into place, so
+    concurrent readers never see half a copy); anything that may move is fetched again."""
+    import re
+
+    from kosmos_g.platform import tracking
+
+    pinned = re.fullmatch(r"models:/([\w.-]+)/(\d+)", uri)
+    if not pinned:
+        return tracking.resolve_artifacts(uri)
+    cache = _cache_root() / "registry" / pinned.group(1) / pinned.group(2)
+    if not cache.is_dir():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".download-"))
+        tracking.resolve_artifacts(uri, staging)
+        try:
+            os.rename(staging, cache)
+        except OSError:  # another process finished first
+            shutil.rmtree(staging, ignore_errors=True)
+    return tracking.bundle_of(cache)
+
+
 def localize(cfg: ModelConfig) -> ModelConfig:
     """A copy of `cfg` whose weight, vocabulary and merges paths are all local."""
     cfg = copy.deepcopy(cfg)
@@ -58,7 +85,9 @@ def localize(cfg: ModelConfig) -> ModelConfig:
         for section in sections:
             node = getattr(node, section)
         value = getattr(node, name)
-        if value and storage.parse(value).scheme != "file":
+        if value and value.startswith(REGISTRY_SCHEMES):
+            setattr(node, name, str(registry_dir(value)))
+        elif value and storage.parse(value).scheme != "file":
             local = storage.local_dir(value) if is_dir else local_file(value)
             setattr(node, name, str(local))
     return cfg

@@ -177,3 +177,16 @@ def write_world_shards(prefix: str, seed: int = 0, count: int = 10_000, rows_per
                           producer="kosmos_g.platform.data.world", total=len(scene_list))
         prefixes[source] = target
     return prefixes
+
+
+def ensure_world_shards(root: str, count: int = 10_000, seed: int = 0) -> bool:
+    """Write the world's shards under `root` unless they are there; True when written."""
+    from kosmos_g.platform import storage
+    from kosmos_g.platform.data import shards
+
+    if storage.exists(storage.join(root, "captions", shards.MANIFEST)):
+        return False
+    print(f"[world] writing the miniature world's shards ({count} scenes) to {root}", flush=True)
+    write_world_shards(root, seed=seed, count=count)
+    return True
+

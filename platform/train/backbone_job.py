@@ -24,7 +24,7 @@ from kosmos_g.platform.data.datastream import DataConfig
 from kosmos_g.platform.stack import cluster
 from kosmos_g.platform.train.backbones import (BackboneConfig, ClipTask, UnetTask, VaeTask, backbone_dataset,
                                                to_tensors)
-from kosmos_g.platform.train.config import OptimConfig, TrainConfig
+from kosmos_g.platform.train.config import OptimConfig, TrainConfig, world_root
 from kosmos_g.platform.train.job import checkpoint_uri, run_trainer
 from kosmos_g.platform.train.loop import BUNDLE_DIR
 
@@ -32,7 +32,7 @@ WORLD_SCENES = 10_000  # scenes written when the world's shards are missing
 
 
 def world_captions() -> str:
-    return storage.default_root("world", "captions")
+    return f"{world_root()}/captions"
 
 
 def _data(samples_per_epoch: int) -> DataConfig:
@@ -94,24 +94,19 @@ def registered_version(name: str, config_hash: str) -> str | None:
 
 
 def ensure_world(cfg: BackboneConfig) -> None:
-    from kosmos_g.platform.data import shards
-    from kosmos_g.platform.data.world import write_world_shards
+    from kosmos_g.platform.data.world import ensure_world_shards
 
-    if cfg.data.captions == world_captions() and not storage.exists(storage.join(cfg.data.captions, shards.MANIFEST)):
-        print(f"[{cfg.pipeline}] writing the miniature world's shards ({WORLD_SCENES} scenes)", flush=True)
-        write_world_shards(storage.default_root("world"), count=WORLD_SCENES)
+    if cfg.data.captions == world_captions():
+        ensure_world_shards(world_root(), count=WORLD_SCENES)
 
 
 def resolve_clip(cfg: BackboneConfig) -> str:
     """A concrete URI of the frozen mini CLIP (a fixed version, so every worker reads the same)."""
-    if cfg.clip_model != "auto":
-        return cfg.clip_model
-    versions = tracking.client().search_model_versions("name = 'kosmos-g-mini-clip'") if tracking.latest_model_uri(
-        "kosmos-g-mini-clip") else []
-    if not versions:
-        raise ValueError("no registered kosmos-g-mini-clip: run pipelines/mini_clip.py first "
-                         "(or --set clip_model=URI)")
-    return f"models:/kosmos-g-mini-clip/{max(int(v.version) for v in versions)}"
+    uri = "models:/kosmos-g-mini-clip/latest" if cfg.clip_model == "auto" else cfg.clip_model
+    try:
+        return tracking.pin_model_uri(uri)
+    except ValueError as error:
+        raise ValueError(f"{error}: run pipelines/mini_clip.py first (or --set clip_model=URI)") from None
 
 
 def _fit(cfg: BackboneConfig, task, pixels: str, image_size: int, run_id: str):

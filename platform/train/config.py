@@ -1,7 +1,8 @@
 """Typed configs and presets of the three training stages (paper appendix A).
 
 One `StageConfig` shape serves pretrain (stage 1), align (stage 2) and instruct
-(stage 3); `stage_presets(stage)` gives each its `tiny` (2 CPU workers, minutes)
+(stage 3); `stage_presets(stage)` gives each its `tiny` (2 CPU workers, minutes), `mini` (the
+miniature world on its registered mini backbones)
 and `paper` (the paper's sizes, batch sizes, learning rates and step counts).
 """
 
@@ -211,8 +212,36 @@ def _paper(stage: int) -> StageConfig:
     )
 
 
+MINI_BACKBONES = {"clip": "models:/kosmos-g-mini-clip/latest", "decoder": "models:/kosmos-g-mini-decoder/latest"}
+
+
+def world_root() -> str:
+    """Where the miniature world's shards live (`kosmos-g data world` writes them)."""
+    return storage.default_root("world")
+
+
+def _mini(stage: int) -> StageConfig:
+    """The miniature world (models/mini.py): from-scratch Kosmos-G on the registered mini CLIP and
+    mini decoder (pipelines/mini_clip.py, mini_decoder.py), on the world's shards, one CPU worker."""
+    model = model_preset("mini")
+    model.mllm.vision.pretrained_path = MINI_BACKBONES["clip"]
+    model.image_decoder.pretrained_path = MINI_BACKBONES["decoder"]
+    root = world_root()
+    data = DataConfig(captions=f"{root}/captions", compositional=f"{root}/compositional", num_cpus=0.25, workers=1)
+    lr = {1: 1e-3, 2: 1e-3, 3: 5e-4}[stage]
+    steps = {1: 300, 2: 600, 3: 1500}[stage]
+    batch = {1: 16, 2: 64, 3: 32}[stage]
+    return StageConfig(
+        stage=stage, name=f"{PIPELINES[stage]}-mini", model=model, data=data,
+        optim=OptimConfig(lr=lr, warmup_steps=50),
+        train=TrainConfig(steps=steps, batch_size=batch, num_workers=1, use_gpu=False, cpus_per_worker=1.0,
+                          checkpoint_every=250, log_every=25),
+    )
+
+
 def stage_presets(stage: int) -> Presets[StageConfig]:
     presets: Presets[StageConfig] = Presets(StageConfig)
     presets.register("tiny", lambda: _tiny(stage))
+    presets.register("mini", lambda: _mini(stage))
     presets.register("paper", lambda: _paper(stage))
     return presets

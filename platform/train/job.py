@@ -90,10 +90,32 @@ def _use_gpu(cfg) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def pin_backbones(cfg: StageConfig) -> None:
+    """Registered backbones (`models:/…/latest`, the mini presets) pinned to their newest
+    version before any worker starts, so all of them load the same weights."""
+    for section in (cfg.model.mllm.vision, cfg.model.image_decoder):
+        if section.pretrained_path:
+            try:
+                section.pretrained_path = tracking.pin_model_uri(section.pretrained_path)
+            except ValueError as error:
+                raise ConfigError(f"{error}: train the miniature world's backbones first "
+                                  "(pipelines/mini_clip.py, pipelines/mini_decoder.py)") from None
+
+
+def ensure_world_data(cfg: StageConfig) -> None:
+    from kosmos_g.platform.data.world import ensure_world_shards
+    from kosmos_g.platform.train.config import world_root
+
+    root = world_root()
+    if any((getattr(cfg.data, s) or "").startswith(root) for s in ("captions", "compositional")):
+        ensure_world_shards(root)
+
+
 def fit(cfg: StageConfig, init_uri: str | None, run_id: str):
     from kosmos_g.platform.data.datastream import collate_fn, training_dataset
 
     ensure_sample_data(cfg)
+    ensure_world_data(cfg)
     model_cfg = model_config_for(cfg, init_uri)
     # One skip counter per job, so concurrent jobs do not mix their counts.
     cfg.data.skip_counter = f"skips-{cfg.name}"
@@ -206,6 +228,7 @@ def run_stage(cfg: StageConfig, evaluator=None) -> StageResult:
                               "pipelines/align.py or pipelines/instruct.py")
         evaluator.check(cfg)
     cluster.connect()
+    pin_backbones(cfg)
     init_uri = resolve_init(cfg)
     run_id, resumed = tracking.start_run(cfg.pipeline, cfg.name, cfg, tags={"stage": str(cfg.stage)})
     print(f"[{cfg.pipeline}] MLflow run {run_id} ({'continued' if resumed else 'new'}); "

@@ -74,3 +74,29 @@ def test_mini_clip_then_mini_decoder(world_prefix):
     with torch.no_grad():
         out = unet(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=torch.randn(1, 77, 32)).sample
     assert out.shape == (1, 4, 8, 8)
+
+    # The wiring of the mini preset: Kosmos-G on the registered backbones (registry URIs fetched by
+    # localize): the MLLM sees through the mini CLIP's vision tower, stage 2's teacher is its text
+    # encoder inside the SD folder, stage 3 denoises through the mini U-Net.
+    from kosmos_g.models.config import model_preset
+    from kosmos_g.models.kosmos_g import KosmosG
+    from kosmos_g.platform.data.world import scenes
+    from kosmos_g.platform.weights import localize
+
+    cfg = model_preset("mini")
+    cfg.mllm.vision.pretrained_path = f"models:/{clip}"
+    cfg.image_decoder.pretrained_path = tracking.pin_model_uri("models:/kosmos-g-mini-decoder/latest")
+    cfg.aligner.dim = cfg.image_decoder.condition_dim = 32
+    model = KosmosG.from_config(localize(cfg))
+    assert model.mllm.vision.width == 32 and model.config.image_decoder.image_size == 16
+    teacher = CLIPModel.from_pretrained(clip_dir).text_model
+    assert torch.equal(model.image_decoder.text_encoder.embeddings.token_embedding.weight,
+                       teacher.embeddings.token_embedding.weight)
+    scene = scenes(5, 1)[0]
+    batch = model.tokenizer([[scene.render(), f" on a {scene.background} background"]])
+    model.set_stage(2)
+    assert torch.isfinite(model.align_loss(batch, [scene.caption])["loss"])
+    model.set_stage(3)
+    target = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.isfinite(model.diffusion_loss(batch, target))
+
