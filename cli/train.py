@@ -3,7 +3,8 @@
 Each stage runs in this process as a Ray driver (on the cluster in RAY_ADDRESS,
 e.g. the local stack after `eval "$(kosmos-g local env)"`, else a local Ray).
 `all` runs data construction and the three stages in order, each starting from
-the model the previous one registered.
+the model the previous one registered; with `--preset mini` it first trains (or reuses) the
+miniature world's mini CLIP and mini decoder, and the world's own shards replace construction.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ STAGES = {"pretrain": 1, "align": 2, "instruct": 3}
 def register(subparsers) -> None:
     parser = subparsers.add_parser("train", help="run training stages (Ray Train + DeepSpeed)")
     parser.add_argument("stage", choices=[*STAGES, "all"])
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "paper"])
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "mini", "paper"])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override applied to every stage run (repeatable)")
     parser.add_argument("--skip-construct", action="store_true", help="with `all`: reuse existing shards")
@@ -35,7 +36,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.stage != "all":
         return stage_main(STAGES[args.stage], _stage_args(args))
-    if not args.skip_construct:
+    if args.preset == "mini":
+        from kosmos_g.platform.train.backbone_job import main as backbone_main
+
+        for kind in ("clip", "decoder"):
+            print(f"=== mini {kind} ===", flush=True)
+            status = backbone_main(kind, ["--preset", "mini"])
+            if status:
+                return status
+    elif not args.skip_construct:
         from kosmos_g.pipelines.construct import main as construct_main
 
         status = construct_main(["--preset", args.preset])

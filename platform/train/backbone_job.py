@@ -42,7 +42,9 @@ def _data(samples_per_epoch: int) -> DataConfig:
 
 
 def _train(steps: int, batch: int, checkpoint_every: int) -> TrainConfig:
-    return TrainConfig(steps=steps, batch_size=batch, num_workers=1, use_gpu=False, cpus_per_worker=1.0,
+    # Half a CPU reserved (the worker still runs one torch thread): Ray Data's file listing asks for
+    # a whole CPU of the two a laptop-sized Ray head advertises, and must not wait for the worker.
+    return TrainConfig(steps=steps, batch_size=batch, num_workers=1, use_gpu=False, cpus_per_worker=0.5,
                        zero_stage=0, checkpoint_every=checkpoint_every, log_every=max(1, min(50, steps // 4)),
                        max_failures=2)
 
@@ -51,7 +53,7 @@ def _mini(kind: str) -> BackboneConfig:
     if kind == "clip":
         return BackboneConfig(kind="clip", name="mini-clip", data=_data(0),
                               optim=OptimConfig(lr=5e-4, warmup_steps=50), train=_train(600, 64, 200))
-    return BackboneConfig(kind="decoder", name="mini-decoder", vae_steps=800, data=_data(0),
+    return BackboneConfig(kind="decoder", name="mini-decoder", vae_steps=1500, data=_data(0),
                           optim=OptimConfig(lr=1e-3, warmup_steps=50), train=_train(3000, 32, 500))
 
 
