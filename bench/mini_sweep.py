@@ -9,6 +9,8 @@ and 1/4 for shapes.
 
     .venv/bin/python bench/mini_sweep.py                      # ≈ 75 min on 1 core
     .venv/bin/python bench/mini_sweep.py --unet-steps 200 --recipes v_zero_pooled   # smoke
+    .venv/bin/python bench/mini_sweep.py --score-decoder models:/kosmos-g-mini-decoder/1
+        # the same scoring for a decoder the platform job registered (SD diffusers folder)
 """
 
 from __future__ import annotations
@@ -107,6 +109,29 @@ def eval_prompts(count: int, seed: int) -> list[tuple[str, str, str]]:
     return prompts
 
 
+def score_decoder(uri: str, count: int, threads: int) -> dict[str, float]:
+    """Text-to-image accuracy of a registered (or local) mini decoder in SD's diffusers layout."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from kosmos_g.platform.weights import registry_dir
+
+    torch.set_num_threads(threads)
+    folder = registry_dir(uri) if uri.startswith(("models:/", "runs:/")) else Path(uri)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
+    text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").eval()
+    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    tokenizer = build_clip_tokenizer()
+    prompts = eval_prompts(count, 1)
+    tokens = tokenizer([f"a {c} {s} on a {b} background" for c, s, b in prompts] + [""], padding="max_length",
+                       max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = text(input_ids=tokens.input_ids).last_hidden_state
+    images = sample(unet, vae, scheduler.config, hidden[:-1], hidden[-1:], 25, 4.0, 0)
+    return score(images, prompts)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenes", type=int, default=8000)
@@ -118,7 +143,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-prompts", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="bench/results/mini_sweep.json")
+    parser.add_argument("--score-decoder", metavar="URI", help="only score this registered/local decoder")
     args = parser.parse_args(argv)
+    if args.score_decoder:
+        result = score_decoder(args.score_decoder, args.eval_prompts, args.threads)
+        print(f"{args.score_decoder}: colour {result['colour']:.2f} shape {result['shape']:.2f} "
+              f"background {result['background']:.2f} (chance 0.125 / 0.25 / 0.125)")
+        return result
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     decoder_base = MiniDecoderConfig()
