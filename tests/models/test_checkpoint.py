@@ -70,10 +70,10 @@ def test_overrides_and_strict_loading(trained, tmp_path):
 def test_config_dict_round_trip_and_presets():
     from kosmos_g.models.config import apply_overrides, config_to_dict
 
-    for name in ("tiny", "paper"):
+    for name in ("tiny", "mini", "paper"):
         cfg = model_preset(name)
         assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
-    with pytest.raises(ValueError, match=r"\['paper', 'tiny'\]"):
+    with pytest.raises(ValueError, match=r"\['mini', 'paper', 'tiny'\]"):
         model_preset("huge")
     with pytest.raises(ValueError, match="unknown field"):
         config_from_dict({"mllm": {"depth": 3}})
