@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-CONDITION_LENGTH = 77  # SD's text length: the mini CLIP pads captions to it as SD's CLIP does
+# SD's text length: the mini CLIP pads captions to it as SD's CLIP does.
+from .config import SD_CONDITION_LENGTH as CONDITION_LENGTH
 
 
 @dataclass

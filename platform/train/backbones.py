@@ -18,14 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kosmos_g.models.mini import MiniClipConfig, MiniDecoderConfig
+from kosmos_g.models.mini import CONDITION_LENGTH, MiniClipConfig, MiniDecoderConfig
 from kosmos_g.platform import storage
 from kosmos_g.platform.data.datastream import DataConfig
 from kosmos_g.platform.train.config import OptimConfig, TrainConfig
 from kosmos_g.platform.train.task import Task
 
 KINDS = ("clip", "decoder")
-CONDITION_LENGTH = 77
 
 
 @dataclass
