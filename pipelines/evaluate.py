@@ -1,5 +1,5 @@
-"""DreamBench evaluation as a Ray job: generate for every (reference image, prompt) pair, score
-DINO / CLIP-I / CLIP-T with Ray Data actors, record everything in MLflow.
+"""DreamBench and miniature-world evaluation as a Ray job: generate for every (reference image,
+prompt) pair, score with Ray Data actors, record everything in MLflow.
 
     ray job submit -- python pipelines/evaluate.py --preset dreambench --subjects s3://…/dreambench \\
         --model models:/kosmos-g@current --dino s3://…/dino-vits16 --clip s3://…/clip-vit-base-patch32
@@ -11,6 +11,14 @@ generation job (pipelines/generate.py, resumable under `--out`). Each generated 
 against the one reference it came from and its plain prompt (paper section 4.1). MLflow gets the
 means as metrics, a per-subject table as `dreambench/subjects.csv` and a picture of the first
 reference → generated pairs as `dreambench/samples.png`.
+
+    ray job submit -- python pipelines/evaluate.py --preset world [--model models:/kosmos-g-align/latest]
+
+`--preset world` evaluates a model of the miniature world (docs/REPRODUCTION.md) on held-out
+combinations (platform/evaluation/world.py): the world scorer reads colour, shape and background
+from the generated pixels (identity and background accuracy) and the mini CLIP gives CLIP-I /
+CLIP-T. Images go under `<out>/<model name>-<version>` (default out: eval/<name>) so evaluating another model never reuses
+them; MLflow gets `world_<kind>_<metric>` metrics, `world/scores.csv` and `world/samples.png`.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from kosmos_g.platform.progress import Progress
 
 @dataclass
 class EvalConfig:
+    benchmark: str = "dreambench"  # or "world" (the miniature world's held-out combinations)
     subjects: str = ""  # <subjects>/<subject>/*.jpg
     model: str = "models:/kosmos-g@current"
     dino: str = ""  # transformers ViTModel folder (DINO ViT-S/16), local or s3://
@@ -41,12 +50,18 @@ class EvalConfig:
     prompts_per_reference: int = 25  # fewer for a quick look
     seed: int = 0
     batch_size: int = 4
+    singles: int = 200  # world: one-subject cases (each with its text-only twin)
+    pairs: int = 100  # world: two-subject cases
 
 
 def presets() -> Presets[EvalConfig]:
     registry: Presets[EvalConfig] = Presets(EvalConfig)
     registry.register("dreambench", EvalConfig)
     registry.register("tiny", lambda: EvalConfig(steps=2, images_per_prompt=1, prompts_per_reference=1))
+    # The sampler the mini decoder was scored with in bench/mini_sweep.py.
+    registry.register("world", lambda: EvalConfig(
+        benchmark="world", name="world", model="models:/kosmos-g/latest", clip="models:/kosmos-g-mini-clip/latest",
+        steps=25, guidance_scale=4.0, scheduler="ddim", images_per_prompt=1, batch_size=16))
     return registry
 
 
@@ -86,11 +101,11 @@ class Scorer:
     """Ray Data actor: DINO, CLIP-I and CLIP-T of generated images against their references."""
 
     def __init__(self, dino: str, clip: str):
-        from kosmos_g.platform import storage
+        from kosmos_g.platform import weights
         from kosmos_g.platform.evaluation.metrics import ClipScorer, DinoScorer
 
-        self.dino = DinoScorer(str(storage.local_dir(dino)))
-        self.clip = ClipScorer(str(storage.local_dir(clip)))
+        self.dino = DinoScorer(str(weights.local_dir(dino)))
+        self.clip = ClipScorer(str(weights.local_dir(clip)))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from kosmos_g.platform.evaluation.grid import open_image
@@ -141,6 +156,10 @@ def log_grid(run_id: str, images: list[dict[str, Any]], rows: int = 8, artifact:
 
 
 def run(cfg: EvalConfig) -> dict[str, float]:
+    if cfg.benchmark == "world":
+        return run_world(cfg)
+    if cfg.benchmark != "dreambench":
+        raise ValueError(f"unknown benchmark {cfg.benchmark!r}; choose dreambench or world")
     import os
     import tempfile
 
@@ -177,8 +196,119 @@ def run(cfg: EvalConfig) -> dict[str, float]:
     return metrics
 
 
+# ---------------------------------------------------------------- the miniature world
+
+class WorldScorer:
+    """Ray Data actor: world-scorer readings, CLIP-I and CLIP-T (mini CLIP) of generated images."""
+
+    def __init__(self, clip: str):
+        from kosmos_g.platform import weights
+        from kosmos_g.platform.evaluation.metrics import ClipScorer
+
+        self.clip = ClipScorer(str(weights.local_dir(clip)))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from kosmos_g.platform.evaluation import world as world_eval
+        from kosmos_g.platform.evaluation.grid import open_image
+
+        cases = [world_eval.from_json(text) for text in batch["case"]]
+        generated = [open_image(uri) for uri in batch["image_uri"]]
+        hits = [world_eval.score(case, image) for case, image in zip(cases, generated)]
+        # CLIP-I against each subject image (the text-only case: the subject it never saw), averaged.
+        references = [json.loads(text) for text in batch["references"]]
+        clip_i = [float(np.mean(self.clip.image_scores([image] * len(refs), [open_image(r) for r in refs])))
+                  for image, refs in zip(generated, references)]
+        out = {**batch, "clip_i": np.array(clip_i),
+               "clip_t": np.array(self.clip.text_scores(generated, [case.text for case in cases]))}
+        for name in ("colour", "shape", "both_colours", "background"):
+            out[name] = np.array([h.get(name, np.nan) for h in hits])
+        return out
+
+
+def world_rows(cfg: EvalConfig, out: str) -> tuple[list[dict], dict[str, dict]]:
+    """Write the cases' subject images under `<out>/subjects`; (generation rows, key -> case info)."""
+    from kosmos_g.platform import storage
+    from kosmos_g.platform.data import imaging
+    from kosmos_g.platform.evaluation import world as world_eval
+
+    rows, targets = [], {}
+    for case in world_eval.cases(cfg.singles, cfg.pairs, cfg.seed):
+        references = []
+        for index, subject in enumerate(case.subjects):
+            uri = storage.join(out, "subjects", f"{case.key}-{index}.png")
+            if not storage.exists(uri):
+                image = world_eval.subject_image(subject, world_eval.subject_seed(case, index))
+                storage.write_bytes(uri, imaging.encode_image(image, "PNG"))
+            references.append(uri)
+        rows.append({"key": case.key, "prompt": case.prompt, "images": references if case.shows_images else [],
+                     "seed": case.seed, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
+                     "scheduler": cfg.scheduler})
+        targets[case.key] = {"kind": case.kind, "case": world_eval.to_json(case), "text": case.text,
+                             "prompt": case.prompt, "references": json.dumps(references)}
+    return rows, targets
+
+
+def run_world(cfg: EvalConfig) -> dict[str, float]:
+    import re
+
+    import ray
+
+    from kosmos_g.pipelines.generate import done_keys, generate_rows, image_uri
+    from kosmos_g.platform import storage, tracking, weights
+    from kosmos_g.platform.evaluation import world as world_eval
+    from kosmos_g.platform.stack import cluster
+
+    cluster.connect()
+    cfg.model, cfg.clip = tracking.pin_model_uri(cfg.model), tracking.pin_model_uri(cfg.clip)
+    # Generated images are kept per model, so a re-run resumes and another model starts afresh.
+    model_slug = re.sub(r"[^\w.-]+", "-", cfg.model.split(":/", 1)[-1]).strip("-")
+    out = storage.join(cfg.out or storage.default_root("eval", cfg.name), model_slug)
+    run_id, _ = tracking.start_run("evaluate", f"{cfg.name}-{model_slug}", cfg,
+                                   tags={"benchmark": "world", "model": cfg.model})
+    rows, targets = world_rows(cfg, out)
+    print(f"[evaluate] world: {len(rows)} held-out cases for {cfg.model} → {out}", flush=True)
+    generate_rows(rows, out, str(weights.local_dir(cfg.model)), cfg.batch_size)
+    written = done_keys(out)
+    items = [{"key": key, "image_uri": image_uri(out, key), **target}
+             for key, target in targets.items() if key in written]
+    scored = ray.data.from_items(items).map_batches(
+        WorldScorer, fn_constructor_args=(cfg.clip,), batch_size=32, concurrency=1, num_cpus=0.5)
+    scores = []
+    with Progress("evaluate: scoring", total=len(items), unit="images", stream=sys.stdout) as progress:
+        for row in scored.iter_rows():
+            scores.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
+            progress.update()
+    metrics = world_eval.summarise(scores)
+    tracking.log_metrics(run_id, metrics, 0)
+    _log_world_artifacts(run_id, scores)
+    tracking.end_run(run_id)
+    print(json.dumps({"run_id": run_id, "model": cfg.model, "out": out, **metrics}), flush=True)
+    return metrics
+
+
+def _log_world_artifacts(run_id: str, scores: list[dict[str, Any]]) -> None:
+    """`world/scores.csv` (one row per image) and `world/samples.png` (subjects → generated)."""
+    import csv
+    import os
+    import tempfile
+
+    from kosmos_g.platform import tracking
+    from kosmos_g.platform.evaluation import world as world_eval
+
+    columns = ("key", "kind", "prompt", "text", "colour", "shape", "both_colours", "background", "clip_i", "clip_t")
+    with tempfile.TemporaryDirectory() as staging:
+        path = os.path.join(staging, "scores.csv")
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(sorted(scores, key=lambda s: s["key"]))
+        tracking.client().log_artifact(run_id, path, "world")
+    tracking.client().log_image(run_id, world_eval.sample_grid(scores), "world/samples.png")
+
+
 def main(argv: list[str] | None = None) -> int:
-    return job_main(argv, presets(), "dreambench", ("subjects", "model", "dino", "clip", "out", "name"), run, __doc__.splitlines()[0])
+    return job_main(argv, presets(), "dreambench", ("subjects", "model", "dino", "clip", "out", "name"), run,
+                    __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -77,6 +77,11 @@ def registry_dir(uri: str) -> Path:
     return tracking.bundle_of(cache)
 
 
+def local_dir(uri: str) -> Path:
+    """A local folder for a registry URI (`registry_dir`), a storage URI or a path."""
+    return registry_dir(uri) if uri.startswith(REGISTRY_SCHEMES) else storage.local_dir(uri)
+
+
 def localize(cfg: ModelConfig) -> ModelConfig:
     """A copy of `cfg` whose weight, vocabulary and merges paths are all local."""
     cfg = copy.deepcopy(cfg)

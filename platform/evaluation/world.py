@@ -1,0 +1,162 @@
+"""Held-out evaluation in the miniature world (platform/data/world.py): does an image inside the
+prompt decide what the generated image shows?
+
+Cases, all on the background a subject's colour never appears on in training
+(`world.held_out_background`):
+
+- `single`: `a <image> on a <b> background`, the subject (one object) shown on a third colour;
+  scored by the generated largest object's colour and shape, and the background.
+- `pair`: `a <image> and a <image> on a <b> background`, `b` held out for the first subject;
+  scored by whether both subjects' colours are present, and the background.
+- `text`: the text-only baseline `an object on a <b> background` for every single case, scored
+  against the subject it never saw (identity should sit near chance: 1/8 colours, 1/4 shapes).
+
+Prompts follow the stage-3 training form, where an entity's words are replaced by its image
+("a <image> on a blue background"). Every case has its own sampling seed, so two models evaluated
+on the same cases start from the same noise. Subject images are the world's entity crops (the
+ones stage 3 trains on, with their background kept), rendered deterministically from the seed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+from kosmos_g.platform.data import imaging, world
+from kosmos_g.platform.data.world_scorer import read_scene
+
+KINDS = ("single", "pair", "text")
+CHANCE = {"colour": 1 / len(world.COLOURS), "shape": 1 / len(world.SHAPES)}
+
+
+@dataclass(frozen=True)
+class Subject:
+    colour: str
+    shape: str
+    shown_on: str  # the background of the subject image (neither its colour nor the target's)
+
+
+@dataclass(frozen=True)
+class WorldCase:
+    key: str
+    kind: str
+    background: str  # what the text asks for
+    subjects: tuple[Subject, ...]  # what the images show (the text-only case never shows them)
+    seed: int
+
+    @property
+    def prompt(self) -> str:
+        """The Kosmos-G prompt, one `<image>` slot per subject image."""
+        if self.kind == "text":
+            return f"an object on a {self.background} background"
+        return " and ".join("a <image>" for _ in self.subjects) + f" on a {self.background} background"
+
+    @property
+    def text(self) -> str:
+        """The same request in words (CLIP-T's prompt)."""
+        things = " and ".join(f"a {s.colour} {s.shape}" for s in self.subjects)
+        return f"{things} on a {self.background} background"
+
+    @property
+    def shows_images(self) -> bool:
+        return self.kind != "text"
+
+
+def to_json(case: WorldCase) -> str:
+    return json.dumps(asdict(case))
+
+
+def from_json(text: str) -> WorldCase:
+    fields = json.loads(text)
+    return WorldCase(**{**fields, "subjects": tuple(Subject(**s) for s in fields["subjects"])})
+
+
+def _subject(rng: np.random.Generator, colour: str, target: str) -> Subject:
+    third = [c for c in world.COLOURS if c not in (colour, target)]
+    return Subject(colour, str(rng.choice(world.SHAPES)), str(rng.choice(third)))
+
+
+def cases(singles: int, pairs: int, seed: int = 0) -> list[WorldCase]:
+    """`singles` single-subject cases (each with its text-only twin) and `pairs` two-subject cases."""
+    rng = np.random.default_rng(seed)
+    found: list[WorldCase] = []
+    for i in range(singles):
+        colour = str(rng.choice(world.COLOURS))
+        target = world.held_out_background(colour)
+        subject = _subject(rng, colour, target)
+        found.append(WorldCase(f"single-{i:04d}", "single", target, (subject,), seed + i))
+        found.append(WorldCase(f"text-{i:04d}", "text", target, (subject,), seed + i))
+    for i in range(pairs):
+        first = str(rng.choice(world.COLOURS))
+        target = world.held_out_background(first)
+        second = str(rng.choice([c for c in world.COLOURS if c not in (first, target)]))
+        subjects = (_subject(rng, first, target), _subject(rng, second, target))
+        found.append(WorldCase(f"pair-{i:04d}", "pair", target, subjects, seed + singles + i))
+    return found
+
+
+def subject_image(subject: Subject, seed: int, size: int = world.SIZE) -> Image.Image:
+    """The subject as stage 3 sees an entity: its crop (background kept) from a rendered scene."""
+    rng = np.random.default_rng(seed)
+    side = int(rng.integers(world.MIN_OBJECT, world.MAX_OBJECT + 1))
+    left, top = (int(v) for v in rng.integers(0, world.SIZE - side + 1, size=2))
+    scene = world.Scene(subject.shown_on, (world.WorldObject(subject.colour, subject.shape,
+                                                             (left, top, left + side, top + side)),))
+    crop, _, _ = imaging.entity_crops(scene.render(), scene.mask(0), size)
+    return crop
+
+
+def subject_seed(case: WorldCase, index: int) -> int:
+    return case.seed * 10 + index
+
+
+def score(case: WorldCase, image: Image.Image) -> dict[str, float]:
+    """World-scorer reading of one generated image against its case (1.0 hit, 0.0 miss)."""
+    reading = read_scene(image)
+    hits = {"background": float(reading.background == case.background)}
+    if case.kind == "pair":
+        present = {o.colour for o in reading.objects}
+        hits["both_colours"] = float(all(s.colour in present for s in case.subjects))
+        hits["colour"] = float(case.subjects[0].colour in present)
+    else:
+        largest = max(reading.objects, key=lambda o: o.area) if reading.objects else None
+        hits["colour"] = float(largest is not None and largest.colour == case.subjects[0].colour)
+        hits["shape"] = float(largest is not None and largest.shape == case.subjects[0].shape)
+    return hits
+
+
+def summarise(scores: Sequence[dict]) -> dict[str, float]:
+    """`world_<kind>_<metric>` means over {kind, colour, shape?, both_colours?, background, clip_i?,
+    clip_t} rows, and `world_<kind>_images` counts."""
+    metrics: dict[str, float] = {}
+    for kind in KINDS:
+        rows = [s for s in scores if s["kind"] == kind]
+        if not rows:
+            continue
+        metrics[f"world_{kind}_images"] = float(len(rows))
+        for name in ("colour", "shape", "both_colours", "background", "clip_i", "clip_t"):
+            values = [r[name] for r in rows if r.get(name) is not None and not _missing(r[name])]
+            if values:
+                metrics[f"world_{kind}_{name}"] = float(np.mean(values))
+    return metrics
+
+
+def _missing(value) -> bool:
+    return isinstance(value, float) and np.isnan(value)
+
+
+def sample_grid(scores: Sequence[dict], per_kind: int = 4) -> Image.Image:
+    """Subject image(s) → generated image with the prompt, the first `per_kind` cases of each kind."""
+    from kosmos_g.platform.evaluation.grid import open_image, prompt_grid
+
+    shown = []
+    for kind in KINDS:
+        for row in sorted((s for s in scores if s["kind"] == kind), key=lambda s: s["key"])[:per_kind]:
+            references = [open_image(uri) for uri in json.loads(row["references"])]
+            shown.append({"text": row["prompt"] if kind != "text" else f"{row['prompt']} (subject not shown)",
+                          "references": references, "generated": open_image(row["image_uri"])})
+    return prompt_grid(shown, max_references=2)
