@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
+import json
 import sys
 import types
 import typing
@@ -243,6 +245,21 @@ class Presets(Generic[T]):
                 config = from_yaml(self.cls, stream.read())
             return apply_overrides(config, args.overrides)
         return self.get(args.preset, args.overrides)
+
+
+def fingerprint(cfg: Any, ignore: tuple[str, ...] = (), **extra: Any) -> str:
+    """16 hex digits naming what decides a job's result: the config as a dict without the
+    `ignore`d fields (dotted for nested ones: names, locations, switches, resources), plus
+    `extra` resolved inputs."""
+    data = to_dict(cfg)
+    for dotted in ignore:
+        *parents, key = dotted.split(".")
+        node = data
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(key, None)
+    data.update(extra)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def job_main(argv: list[str] | None, presets: "Presets[T]", default: str, shorthands: tuple[str, ...],

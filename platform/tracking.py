@@ -254,6 +254,18 @@ def latest_model_uri(name: str) -> str | None:
     return f"models:/{name}/latest" if versions else None
 
 
+def version_tagged(name: str, key: str, value: str) -> str | None:
+    """The newest version of `name` whose tag `key` is `value` (e.g. a config fingerprint), or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client().search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    matching = [v for v in versions if v.tags.get(key) == value]
+    return max(matching, key=lambda v: int(v.version)).version if matching else None
+
+
 def pin_model_uri(uri: str) -> str:
     """`models:/name/latest` as the concrete newest version (`models:/name/7`), so every worker of
     a job reads the same files; other URIs unchanged. A name without versions is a ValueError."""

@@ -82,6 +82,7 @@ class StageConfig:
     # Ray Train storage (checkpoints); None: $KOSMOS_STORAGE_ROOT/ray-train.
     storage_path: str | None = None
     register: bool = True
+    force: bool = False  # train even when a version of this exact config (and start) is registered
     sample_grid: bool = True  # stage 3: log a grid of sample generations
     # Presets other than `tiny` refuse random CLIP / Stable Diffusion weights and the bundled
     # sample shards (hours of compute on them would produce nothing) unless this is set.

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kosmos_g.platform.stack import cluster
 from kosmos_g.platform import storage, tracking
-from kosmos_g.platform.config import ConfigError, to_dict, to_yaml
+from kosmos_g.platform.config import ConfigError, fingerprint, to_dict, to_yaml
 from kosmos_g.platform.train.config import REGISTERED_NAMES, check_real_inputs, StageConfig, stage_presets
 from kosmos_g.platform.mlflow_model import save_pyfunc
 from kosmos_g.platform.train.loop import BUNDLE_DIR, train_loop_per_worker
@@ -34,18 +34,49 @@ class StageResult:
 
 
 def resolve_init(cfg: StageConfig) -> str | None:
-    """A concrete model URI to start from, or None for a random start."""
+    """A concrete model URI to start from (`…/latest` pinned to a version), or None for a random start."""
     if cfg.init == "random":
         return None
     if cfg.init != "auto":
-        return cfg.init
+        return tracking.pin_model_uri(cfg.init)
     if cfg.stage == 1:
         return None
     previous = tracking.latest_model_uri(REGISTERED_NAMES[cfg.stage - 1])
     if previous is None:
         print(f"[{cfg.pipeline}] no registered {REGISTERED_NAMES[cfg.stage - 1]} model: starting from random "
               "weights (pass --set init=URI to start from a checkpoint)", flush=True)
-    return previous
+        return None
+    return tracking.pin_model_uri(previous)
+
+
+# What does not decide a stage's weights: names, locations, switches, reserved CPUs, the evaluation.
+NOT_DECIDING = ("name", "storage_path", "register", "force", "sample_grid", "allow_random", "eval",
+                "train.cpus_per_worker", "data.num_cpus")
+
+
+def registered_result(cfg: StageConfig, config_hash: str) -> StageResult | None:
+    """The registered version trained with this exact config and start, unless `force`."""
+    if cfg.force or not cfg.register:
+        return None
+    version = tracking.version_tagged(cfg.registered_name, "config_hash", config_hash)
+    if version is None:
+        return None
+    run_id = tracking.client().get_model_version(cfg.registered_name, version).run_id
+    print(f"[{cfg.pipeline}] {cfg.registered_name}/{version} was trained with this config from the same start: "
+          "reused (--set force=true trains again)", flush=True)
+    return StageResult(run_id, "", f"{cfg.registered_name}/{version}", {})
+
+
+def check_same_start(cfg: StageConfig, init_uri: str | None) -> None:
+    """Re-submitting a job name resumes its checkpoints (that is how a run gets more steps); a
+    start that changed since (a retrained previous stage) would be silently ignored, so refuse."""
+    experiment = tracking.client().get_experiment_by_name(tracking.experiment_name(cfg.pipeline))
+    run_id = tracking.find_run(experiment.experiment_id, cfg.name) if experiment else None
+    started = tracking.client().get_run(run_id).data.tags.get("init_uri") if run_id else None
+    if started is not None and started != (init_uri or "random"):
+        raise ConfigError(f"job name {cfg.name!r} holds a run that started from {started}; this one starts from "
+                          f"{init_uri or 'random'}, but would resume that run's checkpoints. Pass --set name=<new> "
+                          "for a fresh run.")
 
 
 def model_config_for(cfg: StageConfig, init_uri: str | None):
@@ -184,11 +215,13 @@ def version_card(cfg: StageConfig, run_id: str) -> tuple[dict[str, str], str]:
     """Tags and description telling, in the registry alone, what trained a version."""
     from kosmos_g.platform.data.datastream import STAGE_SOURCES
 
-    metrics = tracking.client().get_run(run_id).data.metrics
+    run = tracking.client().get_run(run_id)
+    metrics = run.data.metrics
     data = {f"data.{source}": getattr(cfg.data, source) or "" for source in STAGE_SOURCES[cfg.stage]}
     final = {f"final.{key}": f"{metrics[key]:.4g}" for key in CARD_METRICS if key in metrics}
     tags = {"stage": str(cfg.stage), "job": cfg.name, "preset": cfg.model.name, "steps": str(cfg.train.steps),
-            "init": cfg.init, "git_commit": tracking.git_commit(), **data, **final}
+            "init": run.data.tags.get("init_uri", cfg.init), "config_hash": run.data.tags.get("config_hash", ""),
+            "git_commit": tracking.git_commit(), **data, **final}
     sources = ", ".join(f"{key[5:]} from {value}" for key, value in data.items() if value)
     description = (f"Kosmos-G stage {cfg.stage} ({cfg.pipeline}), preset {cfg.model.name}: {cfg.train.steps} steps "
                    f"on {sources}; " + (", ".join(f"{k[6:]} {v}" for k, v in final.items()) or "no metrics")
@@ -230,7 +263,14 @@ def run_stage(cfg: StageConfig, evaluator=None) -> StageResult:
     cluster.connect()
     pin_backbones(cfg)
     init_uri = resolve_init(cfg)
+    config_hash = fingerprint(cfg, NOT_DECIDING, init_uri=init_uri)
+    reused = registered_result(cfg, config_hash)
+    if reused:
+        return reused
+    check_same_start(cfg, init_uri)
     run_id, resumed = tracking.start_run(cfg.pipeline, cfg.name, cfg, tags={"stage": str(cfg.stage)})
+    for key, value in (("config_hash", config_hash), ("init_uri", init_uri or "random")):
+        tracking.client().set_tag(run_id, key, value)  # a resumed run (more steps) trains this config now
     print(f"[{cfg.pipeline}] MLflow run {run_id} ({'continued' if resumed else 'new'}); "
           f"init: {init_uri or 'random'}; checkpoints: {cfg.resolved_storage_path()}/{cfg.name}", flush=True)
     started = time.monotonic()

@@ -199,3 +199,21 @@ def test_resubmitting_the_same_job_resumes(chain, sample_data):
     assert again.metrics["step"] == 13
     lr_steps = [m.step for m in tracking.client().get_metric_history(again.run_id, "lr")]
     assert sorted(lr_steps) == list(range(1, 14)), "resubmission restarted instead of resuming"
+
+
+def test_a_registered_config_is_reused_and_a_changed_start_is_refused(chain, sample_data):
+    """The same config (any job name) returns the registered version without training; a job
+    name whose run started elsewhere is not silently resumed from another start."""
+    from kosmos_g.platform.config import ConfigError
+
+    root, results, names = chain
+    _, prefixes = sample_data
+    name, version = results[1].registered.split("/")
+    assert tracking.client().get_model_version(name, version).tags["config_hash"]
+    again = run_stage(_config(1, prefixes, root, name=f"{names[1]}-again", **{"train.steps": 10}))
+    assert (again.registered, again.run_id) == (results[1].registered, results[1].run_id)
+    experiment = tracking.client().get_experiment_by_name(tracking.experiment_name("pretrain"))
+    assert tracking.find_run(experiment.experiment_id, f"{names[1]}-again") is None, "a reused config trained"
+    with pytest.raises(ConfigError, match="would resume"):
+        run_stage(_config(2, prefixes, root, name=names[2], init="random",
+                          **{"train.steps": 20, "train.fail_at_step": 7}))
