@@ -92,10 +92,13 @@ def save_servable(model, directory: str | Path) -> Path:
     return directory
 
 
-def load_trainable(model, path: str | Path) -> None:
-    """Load `mllm.*`/`aligner.*` tensors into `model` (strict: every key must match)."""
+def load_trainable(model, path: str | Path, skip: tuple[str, ...] = ()) -> None:
+    """Load `mllm.*`/`aligner.*` tensors into `model` (strict: every key must match), except the
+    parts named in `skip`, which keep their fresh initialisation."""
     state = load_file(str(path), device=str(model.device))
     for part in PARTS:
+        if part in skip:
+            continue
         prefix = f"{part}."
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         getattr(model, part).load_state_dict(sub, strict=True)

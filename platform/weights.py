@@ -98,15 +98,17 @@ def localize(cfg: ModelConfig) -> ModelConfig:
     return cfg
 
 
-def load_bundle(directory: str | os.PathLike, overrides: dict | None = None, device=None):
+def load_bundle(directory: str | os.PathLike, overrides: dict | None = None, device=None,
+                fresh_parts: tuple[str, ...] = ()):
     """`models.checkpoint.load_model` for a bundle whose config names `s3://` inputs (an SD
     decoder or vocabulary kept in object storage, as an imported official bundle does):
-    those are fetched into the local cache before the model is built."""
+    those are fetched into the local cache before the model is built. `fresh_parts` (e.g.
+    `("aligner",)`) are built from the (overridden) config and not loaded."""
     from kosmos_g.models.checkpoint import WEIGHTS_NAME, load_config, load_trainable
     from kosmos_g.models.kosmos_g import KosmosG
 
     model = KosmosG.from_config(localize(load_config(directory, overrides)), device=device)
-    load_trainable(model, Path(directory) / WEIGHTS_NAME)
+    load_trainable(model, Path(directory) / WEIGHTS_NAME, skip=fresh_parts)
     return model
 
 

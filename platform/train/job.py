@@ -160,10 +160,6 @@ def run_trainer(cfg, task, dataset, collate, init_uri: str | None, run_id: str |
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    import ray.data
-
-    # Progress bars would flood the job log; the loop prints its own progress.
-    ray.data.DataContext.get_current().enable_progress_bars = False
     storage_path, filesystem = _storage(cfg)
     fault_marker = storage.join(cfg.resolved_storage_path(), cfg.name, ".fault-injected")
     trainer = TorchTrainer(

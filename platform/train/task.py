@@ -56,11 +56,28 @@ class StageTask(Task):
 
         torch.manual_seed(cfg.train.seed)
         if init_uri:
-            model = load_bundle(tracking.resolve_artifacts(init_uri))
+            bundle = tracking.resolve_artifacts(init_uri)
+            overrides = self.fresh_aligner(cfg, bundle)
+            model = load_bundle(bundle, overrides, fresh_parts=("aligner",) if overrides else ())
         else:
             model = KosmosG.from_config(localize(cfg.model))
         model.set_stage(cfg.stage)
         return model.to(device).train()
+
+    @staticmethod
+    def fresh_aligner(cfg, bundle) -> dict | None:
+        """Stage 2 is where the AlignerNet learns; asked for another AlignerNet than the starting
+        bundle's (the encoder-less ablation after a stage-1 bundle), it starts fresh from the
+        stage's own config: the overrides for that, else None (the bundle's is loaded)."""
+        from dataclasses import asdict
+
+        from kosmos_g.models.checkpoint import load_config
+
+        if cfg.stage != 2 or load_config(bundle).aligner == cfg.model.aligner:
+            return None
+        print(f"[align] AlignerNet built from the stage config ({cfg.model.aligner}), not loaded from the "
+              "starting bundle", flush=True)
+        return {f"aligner.{name}": value for name, value in asdict(cfg.model.aligner).items()}
 
     def losses(self, model, batch, cfg, generator=None, training=True):
         return model({k: batch[k] for k in MODEL_KEYS}, captions=batch.get("captions"),

@@ -40,3 +40,30 @@ def test_tiny_preset_is_exempt():
 def test_paper_stage3_drops_small_images():
     assert stage_presets(3).get("paper").data.min_image_side == 384
     assert stage_presets(3).get("tiny").data.min_image_side == 0
+
+
+def test_stage2_ablation_builds_a_fresh_aligner_and_keeps_the_mllm(tmp_path):
+    """`--set model.aligner.encoder_layers=0` after a stage-1 bundle (whose AlignerNet has an
+    encoder) is not silently replaced by the bundle's AlignerNet: stage 2 builds the asked one."""
+    import torch
+
+    from kosmos_g.models.checkpoint import save_servable
+    from kosmos_g.models.config import model_preset
+    from kosmos_g.models.kosmos_g import KosmosG
+    from kosmos_g.platform.train.task import StageTask
+
+    torch.manual_seed(0)
+    stage1 = KosmosG.from_config(model_preset("tiny"))
+    assert stage1.config.aligner.encoder_layers > 0
+    bundle = save_servable(stage1, tmp_path / "stage1")
+    cpu = torch.device("cpu")
+
+    ablation = StageTask(2).build(stage_presets(2).get("tiny", ["model.aligner.encoder_layers=0"]), str(bundle), cpu)
+    assert ablation.config.aligner.encoder_layers == 0
+    assert sum(p.numel() for p in ablation.aligner.parameters()) < sum(p.numel() for p in stage1.aligner.parameters())
+    for name, value in stage1.mllm.state_dict().items():
+        assert torch.equal(ablation.mllm.state_dict()[name], value), name
+
+    same = StageTask(2).build(stage_presets(2).get("tiny"), str(bundle), cpu)
+    for name, value in stage1.aligner.state_dict().items():
+        assert torch.equal(same.aligner.state_dict()[name], value), name

@@ -1,0 +1,251 @@
+"""The miniature world's whole chain, measured: mini backbones, Kosmos-G stages 1-3, the
+AlignerNet-without-encoder ablation and the held-out evaluation, ending in a results table and a
+figure (docs/REPRODUCTION.md, docs/reproduce_mini.png) and one MLflow run holding both.
+
+    kosmos-g local up && eval "$(kosmos-g local env)"
+    .venv/bin/python bench/reproduce_mini.py                 # the chain, then the evaluation
+    .venv/bin/python bench/reproduce_mini.py --evaluate-only # the registered models, evaluated again
+
+Every step is the platform's own job, submitted as a user would (`ray job submit -- python
+pipelines/<step>.py --preset mini`); a step whose exact config is already registered is reused by
+the job itself. The models evaluated, on the same held-out cases and the same noise:
+
+- `full`: the stage-3 model (`kosmos-g`), and its text-only twin prompts (the subject never shown);
+- `stage 2 only`: the `kosmos-g-align` version stage 3 started from;
+- `no encoder`: stage 2 again with `aligner.encoder_layers=0` (the paper's Table 2 ablation),
+  not registered (so no later stage starts from it) and evaluated from its run.
+
+Job logs go to bench/results/reproduce_mini/<step>.log; wall time and the machine's peak memory
+use are measured and printed with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "reproduce_mini"
+DOC, FIGURE = ROOT / "docs" / "REPRODUCTION.md", ROOT / "docs" / "reproduce_mini.png"
+BEGIN, END = "<!-- reproduce_mini:begin -->", "<!-- reproduce_mini:end -->"
+ABLATION_NAME = "align-mini-no-encoder"
+ABLATION = ["--set", "model.aligner.encoder_layers=0", "--set", f"name={ABLATION_NAME}", "--set", "register=false"]
+TARGETS = {"single colour": 0.8, "single shape": 0.6, "single background": 0.8, "pair both colours": 0.6}
+
+
+class PeakMemory:
+    """The machine's used memory, sampled every second in a thread; `peak_gb` above the start."""
+
+    def __init__(self):
+        import psutil
+
+        self._used = lambda: psutil.virtual_memory().used
+        self.start, self.peak, self._stop = self._used(), 0, threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self):
+        while not self._stop.wait(1.0):
+            self.peak = max(self.peak, self._used())
+
+    @property
+    def peak_gb(self) -> float:
+        return max(0, self.peak - self.start) / 2**30
+
+    def stop(self):
+        self._stop.set()
+
+
+def submit(step: str, script: str, args: list[str]) -> dict:
+    """`ray job submit` one job, its log to RESULTS/<step>.log, progress lines echoed; returns
+    the JSON summary line the job prints last and the wall time."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    # The local stack's head runs entrypoints from the checkout (no upload), as the README's commands do.
+    command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--", "python", script, *args]
+    print(f"[reproduce] {step}: {' '.join(command[4:])}", flush=True)
+    started, summary = time.monotonic(), {}
+    with open(RESULTS / f"{step}.log", "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in process.stdout:
+            log.write(line)
+            text = line.rsplit("\x1b[0m", 1)[-1].strip()  # Ray's coloured "(worker pid=…)" prefix
+            if text.startswith("{") and text.endswith("}"):
+                try:
+                    summary = json.loads(text)
+                except json.JSONDecodeError:
+                    pass
+            if text.startswith("[") and ("step" in text or "done" in text or "reused" in text):
+                print(f"  {text[:160]}", flush=True)
+        if process.wait() != 0:
+            raise SystemExit(f"[reproduce] {step} failed (exit {process.returncode}); see {RESULTS / step}.log")
+    summary["wall_s"] = time.monotonic() - started
+    print(f"[reproduce] {step} finished in {summary['wall_s'] / 60:.1f} min", flush=True)
+    return summary
+
+
+def train_chain() -> dict[str, dict]:
+    jobs = {}
+    for step in ("mini_clip", "mini_decoder", "pretrain", "align", "instruct"):
+        jobs[step] = submit(step, f"pipelines/{step}.py", ["--preset", "mini"])
+    jobs["align_no_encoder"] = submit("align_no_encoder", "pipelines/align.py", ["--preset", "mini", *ABLATION])
+    return jobs
+
+
+def models_to_evaluate(jobs: dict[str, dict]) -> dict[str, str]:
+    """full: the newest `kosmos-g`; stage 2 only: the version it started from (its `init` tag)."""
+    from kosmos_g.platform import tracking
+
+    full = tracking.pin_model_uri("models:/kosmos-g/latest")
+    version = tracking.client().get_model_version("kosmos-g", full.rsplit("/", 1)[1])
+    started_from = version.tags.get("init", "")
+    if not started_from.startswith("models:/kosmos-g-align/"):
+        raise SystemExit(f"{full} did not start from a registered stage-2 model (init: {started_from!r})")
+    models = {"full": full, "stage 2 only": started_from}
+    ablation = jobs.get("align_no_encoder", {}).get("run_id") or _last_run("align", ABLATION_NAME)
+    if ablation:
+        models["no encoder"] = f"runs:/{ablation}/model"
+    return models
+
+
+def _last_run(pipeline: str, name: str) -> str | None:
+    from kosmos_g.platform import tracking
+
+    experiment = tracking.client().get_experiment_by_name(tracking.experiment_name(pipeline))
+    return tracking.find_run(experiment.experiment_id, name) if experiment else None
+
+
+def evaluate(models: dict[str, str], singles: int, pairs: int) -> dict[str, dict]:
+    results = {}
+    for label, uri in models.items():
+        step = "evaluate_" + label.replace(" ", "_")
+        results[label] = submit(step, "pipelines/evaluate.py", [
+            "--preset", "world", "--model", uri, "--set", f"singles={singles}", "--set", f"pairs={pairs}"])
+    return results
+
+
+def table(results: dict[str, dict]) -> list[str]:
+    """Markdown rows: each model's single / pair / text-only metrics."""
+    columns = [("single", "colour"), ("single", "shape"), ("single", "background"), ("pair", "both_colours"),
+               ("pair", "background"), ("single", "clip_i"), ("single", "clip_t")]
+    head = ("| model | images | colour | shape | background | pair: both colours | pair: background | "
+            "CLIP-I | CLIP-T |")
+    rows = [head, "|" + "---|" * (len(columns) + 2)]
+
+    def row(label: str, metrics: dict, kind_override: str | None = None) -> str:
+        cells = []
+        for kind, name in columns:
+            kind = kind_override if kind_override and kind == "single" else kind
+            value = metrics.get(f"world_{kind}_{name}")
+            if kind_override and kind == "pair":
+                value = None
+            cells.append("–" if value is None else f"{value:.1f}" if name.startswith("clip") else f"{value:.2f}")
+        images = sum(int(metrics.get(f"world_{k}_images", 0)) for k in ("single", "pair", "text")
+                     if not kind_override or k == kind_override)
+        return f"| {label} | {images} | " + " | ".join(cells) + " |"
+
+    for label, metrics in results.items():
+        rows.append(row(label, metrics))
+        if label == "full":
+            rows.append(row("text only (`an object on a <b> background`)", metrics, "text"))
+    rows.append("| chance | | 0.125 | 0.25 | | | | | |")
+    return rows
+
+
+def figure(results: dict[str, dict], cases: int = 6):
+    """Rows of held-out cases: subject image(s) | each model's image | the text-only image."""
+    from PIL import Image, ImageDraw
+
+    from kosmos_g.platform import storage
+    from kosmos_g.platform.evaluation import world as world_eval
+    from kosmos_g.platform.evaluation.grid import open_image
+
+    full = results["full"]
+    chosen = [c for c in world_eval.cases(full["singles"], full["pairs"], 0) if c.kind != "text"]
+    chosen = chosen[: cases - 2] + [c for c in chosen if c.kind == "pair"][:2]
+    columns = ["subject 1", "subject 2", *results, "text only"]
+    cell, label_h = 96, 30
+    sheet = Image.new("RGB", (cell * len(columns), label_h + len(chosen) * (cell + label_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, name in enumerate(columns):
+        draw.text((c * cell + 4, 8), name, fill="black")
+    for r, case in enumerate(chosen):
+        top = label_h + r * (cell + label_h)
+        images = [open_image(storage.join(full["out"], "subjects", f"{case.key}-{i}.png")) if i < len(case.subjects)
+                  else None for i in range(2)]
+        images += [open_image(storage.join(result["out"], "images", f"{case.key}.png")) for result in results.values()]
+        images.append(open_image(storage.join(full["out"], "images", case.key.replace("single", "text") + ".png"))
+                      if case.kind == "single" else None)
+        for c, image in enumerate(images):
+            if image is not None:
+                sheet.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (c * cell, top))
+        draw.text((4, top + cell + 4), case.prompt.replace("<image>", "<i>") + f"   ({case.text})", fill="black")
+    return sheet
+
+
+def write_report(results: dict[str, dict], jobs: dict[str, dict], memory_gb: float, wall_s: float) -> str:
+    rows = table(results)
+    full = results["full"]
+    checks = [f"{name} {full.get('world_' + name.replace(' ', '_', 1).replace(' ', '_'), float('nan')):.2f} "
+              f"(target ≥ {target})" for name, target in TARGETS.items()]
+    timing = ", ".join(f"{step} {summary['wall_s'] / 60:.1f} min" for step, summary in jobs.items())
+    lines = [BEGIN, "", f"Measured {time.strftime('%Y-%m-%d')} by `bench/reproduce_mini.py` "
+             f"({full.get('world_single_images', 0):.0f} single-subject, {full.get('world_pair_images', 0):.0f} "
+             f"two-subject and as many text-only held-out cases per model; models: "
+             + ", ".join(f"{label} `{r['model']}`" for label, r in results.items()) + ").", "", *rows, "",
+             "Targets (full model): " + "; ".join(checks) + ".", "",
+             f"Wall time: {wall_s / 60:.1f} min in all" + (f" ({timing})" if timing else "")
+             + f"; peak memory above the idle machine: {memory_gb:.1f} GB.", "",
+             "![held-out cases: subject images, then each model's image](reproduce_mini.png)", "", END]
+    text = "\n".join(lines)
+    doc = DOC.read_text()
+    if BEGIN in doc and END in doc:
+        doc = doc[: doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
+    else:
+        doc = doc.rstrip() + "\n\n## Results of the whole chain\n\n" + text + "\n"
+    DOC.write_text(doc)
+    return text
+
+
+def log_to_mlflow(text: str, results: dict[str, dict]) -> str:
+    from kosmos_g.platform import tracking
+
+    run_id, _ = tracking.start_run("bench", f"reproduce-mini-{time.strftime('%Y%m%d-%H%M%S')}")
+    for label, metrics in results.items():
+        prefix = label.replace(" ", "_")
+        tracking.log_metrics(run_id, {f"{prefix}.{k}": v for k, v in metrics.items()
+                                      if isinstance(v, float) and k.startswith("world_")}, 0)
+    tracking.log_text(run_id, text, "reproduce_mini.md")
+    tracking.client().log_artifact(run_id, str(FIGURE))
+    tracking.end_run(run_id)
+    return run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--evaluate-only", action="store_true", help="skip training; evaluate what is registered")
+    parser.add_argument("--singles", type=int, default=200)
+    parser.add_argument("--pairs", type=int, default=100)
+    args = parser.parse_args(argv)
+    if not os.environ.get("RAY_ADDRESS") or not os.environ.get("MLFLOW_TRACKING_URI"):
+        print('error: run `kosmos-g local up` and `eval "$(kosmos-g local env)"` first', file=sys.stderr)
+        return 2
+    memory, started = PeakMemory(), time.monotonic()
+    jobs = {} if args.evaluate_only else train_chain()
+    results = evaluate(models_to_evaluate(jobs), args.singles, args.pairs)
+    for label, summary in results.items():
+        summary["singles"], summary["pairs"] = args.singles, args.pairs
+    memory.stop()
+    figure(results).save(FIGURE)
+    text = write_report(results, jobs, memory.peak_gb, time.monotonic() - started)
+    print("\n".join(table(results)), flush=True)
+    print(f"[reproduce] MLflow run {log_to_mlflow(text, results)}; wrote {DOC} and {FIGURE}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
