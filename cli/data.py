@@ -1,4 +1,5 @@
-"""`kosmos-g data samples|world|import-captions|import-edits`: shards in object storage.
+"""`kosmos-g data samples|world|subject|import-captions|import-edits`: shards in object storage
+(and a miniature-world subject image to prompt with).
 
 Shards land under `$KOSMOS_STORAGE_ROOT/datasets/…` by default (the local
 stack's bucket after `eval "$(kosmos-g local env)"`), where the `tiny` training
@@ -26,10 +27,21 @@ def register(subparsers) -> None:
     samples.set_defaults(func=run_samples)
 
     world = actions.add_parser("world", help="the miniature world's training shards (captions + compositional)")
-    world.add_argument("--out", default=None, help="shard prefix (default: $KOSMOS_STORAGE_ROOT/datasets/world)")
+    world.add_argument("--out", default=None, help="shard prefix (default: $KOSMOS_STORAGE_ROOT/world, where the "
+                       "mini presets read)")
     world.add_argument("--seed", type=int, default=0)
     world.add_argument("--n", type=int, default=10_000, help="scenes (held-out colour pairs never occur)")
     world.set_defaults(func=run_world)
+
+    subject = actions.add_parser("subject", help="a miniature-world subject image (an entity crop, as stage 3 "
+                                 "trains on) to put in a prompt")
+    subject.add_argument("colour", choices=world_colours())
+    subject.add_argument("shape", choices=world_shapes())
+    subject.add_argument("--on", default=None, choices=world_colours(), help="background colour (default: a colour "
+                         "the subject is trained on, neither its own nor its held-out one)")
+    subject.add_argument("--seed", type=int, default=0, help="size and position in the scene it is cropped from")
+    subject.add_argument("-o", "--output", required=True, help="PNG file")
+    subject.set_defaults(func=run_subject)
 
     captions = actions.add_parser("import-captions", help="an image-caption table (Parquet/TSV/JSONL) → caption shards")
     captions.add_argument("table", help="table file or prefix; image paths are relative to it")
@@ -58,7 +70,34 @@ def run_world(args: argparse.Namespace) -> int:
     if args.n < 1:
         print("error: --n must be at least 1")
         return 2
-    print(json.dumps(write_world_shards(args.out or f"{default_root()}/world", args.seed, args.n), indent=2))
+    from kosmos_g.platform.train.config import world_root
+
+    print(json.dumps(write_world_shards(args.out or world_root(), args.seed, args.n), indent=2))
+    return 0
+
+
+def world_colours() -> tuple[str, ...]:
+    from kosmos_g.platform.data.world import COLOURS
+
+    return COLOURS
+
+
+def world_shapes() -> tuple[str, ...]:
+    from kosmos_g.platform.data.world import SHAPES
+
+    return SHAPES
+
+
+def run_subject(args: argparse.Namespace) -> int:
+    from kosmos_g.platform.data.world import COLOURS, held_out_background
+    from kosmos_g.platform.evaluation.world import Subject, subject_image
+
+    background = args.on or next(c for c in COLOURS if c not in (args.colour, held_out_background(args.colour)))
+    if background == args.colour:
+        print(f"error: a {args.colour} subject on a {background} background would be invisible")
+        return 2
+    subject_image(Subject(args.colour, args.shape, background), args.seed).save(args.output)
+    print(f"{args.output}: a {args.colour} {args.shape} on {background}")
     return 0
 
 

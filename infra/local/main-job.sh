@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The main job on the embedded local stack, from a fresh clone:
-#   set up .venv → kosmos-g local up → sample data to S3 → stage 3 (tiny) as a Ray job.
+# The main job on the embedded local stack, from a fresh clone: set up .venv, start the stack,
+# then the miniature world's whole chain as Ray jobs (docs/REPRODUCTION.md): the mini CLIP and
+# mini decoder (the frozen backbones), then Kosmos-G stages 1-3. A step whose exact config is
+# already registered is reused, so re-running costs minutes. `--tiny` runs only stage 3 of the
+# tiny random model on the bundled sample shards instead (a couple of minutes).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -9,9 +12,18 @@ bash infra/local/setup.sh
 eval "$(.venv/bin/kosmos-g local env)"
 export PATH="$PWD/.venv/bin:$PATH"
 
-
-ray job submit -- python pipelines/instruct.py --preset tiny "$@"
+if [[ "${1:-}" == "--tiny" ]]; then
+    shift
+    ray job submit -- python pipelines/instruct.py --preset tiny "$@"
+else
+    for step in mini_clip mini_decoder pretrain align; do
+        ray job submit -- python "pipelines/$step.py" --preset mini
+    done
+    ray job submit -- python pipelines/instruct.py --preset mini "$@"
+fi
 
 echo
-echo "MLflow: $MLFLOW_TRACKING_URI  (experiment kosmos-g-instruct, registered model kosmos-g)"
+echo "MLflow: $MLFLOW_TRACKING_URI  (experiments kosmos-g-*, registered model kosmos-g)"
+echo "Serve it: .venv/bin/kosmos-g serve --detach, then"
+echo "  .venv/bin/kosmos-g generate 'a <image> on a green background' --image red_star.png -o out.png"
 echo "Stop the stack with: .venv/bin/kosmos-g local down"

@@ -68,6 +68,16 @@ def test_scorer_is_exact_on_rendered_answers_and_misses():
                        "world_pair_both_colours": 0.0, "world_pair_background": 0.0}
 
 
+def test_subject_command_writes_a_prompt_image(tmp_path, capsys):
+    from kosmos_g.cli.main import main
+
+    assert main(["data", "subject", "red", "star", "--on", "blue", "-o", str(tmp_path / "red_star.png")]) == 0
+    reading = read_scene(Image.open(tmp_path / "red_star.png"))
+    assert reading.background == "blue" and [(o.colour, o.shape) for o in reading.objects] == [("red", "star")]
+    assert main(["data", "subject", "red", "star", "--on", "red", "-o", str(tmp_path / "x.png")]) == 2
+    assert "invisible" in capsys.readouterr().out and not (tmp_path / "x.png").exists()
+
+
 @pytest.mark.usefixtures("ray_local")
 def test_world_job_records_scores_per_model(s3_prefix, tmp_path, clip_dir):
     from kosmos_g.models.checkpoint import save_servable
