@@ -4,7 +4,8 @@ Each stage runs in this process as a Ray driver (on the cluster in RAY_ADDRESS,
 e.g. the local stack after `eval "$(kosmos-g local env)"`, else a local Ray).
 `all` runs data construction and the three stages in order, each starting from
 the model the previous one registered; with `--preset mini` it first trains (or reuses) the
-miniature world's mini CLIP and mini decoder, and the world's own shards replace construction.
+miniature world's mini CLIP and mini decoder, and construction runs its `world` preset (the
+world's stand-ins for the captioner, entity extractor and segmenter).
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ def run(args: argparse.Namespace) -> int:
             status = backbone_main(kind, ["--preset", "mini"])
             if status:
                 return status
-    elif not args.skip_construct:
+    if not args.skip_construct:
         from kosmos_g.pipelines.construct import main as construct_main
 
-        status = construct_main(["--preset", args.preset])
+        # The miniature world's compositional shards come from the construction pipeline too,
+        # with the world's stand-ins for its three models.
+        status = construct_main(["--preset", "world" if args.preset == "mini" else args.preset])
         if status:
             return status
     for name, stage in STAGES.items():

@@ -15,6 +15,11 @@ copies. Relative URIs are resolved under $KOSMOS_STORAGE_ROOT.
 The `tiny` preset is the local demo: it writes the scikit-image sample photographs to
 `samples/images` and tiny random BLIP-2 / MPT / CLIPSeg checkpoints to
 `models/construct-tiny/` (when missing) and runs the real code path on them.
+
+The `world` preset makes the miniature world's compositional shards (docs/REPRODUCTION.md) from
+its scene images (`world/images`, written when missing) with the world's stand-ins for the three
+models (pipelines/construct_world.py: ground truth read from pixels as captioner and segmenter,
+the caption's grammar as entity extractor), in PNG so palette colours stay exact.
 """
 
 from __future__ import annotations
@@ -99,6 +104,8 @@ class ConstructConfig:
     input: str = "openimages/images"
     output: str = "shards/compositional"
     write_sample_images: bool = False  # fill an empty `input` with the bundled photographs
+    write_world_images: bool = False  # fill an empty `input` with the miniature world's scenes
+    image_format: str = "JPEG"  # of the stored images and crops (PNG: exact colours)
     max_image_side: int = 1024  # images are downscaled to this long side before captioning
     jpeg_quality: int = 95
     rows_per_shard: int = 1000
@@ -126,8 +133,22 @@ def _tiny() -> ConstructConfig:
     )
 
 
+def _world() -> ConstructConfig:
+    from kosmos_g.pipelines.construct_world import STAND_IN
+
+    return ConstructConfig(
+        input="world/images", output="world/compositional", write_world_images=True, image_format="PNG",
+        max_image_side=64, rows_per_shard=2000, run_name="construct-world",
+        models=ModelsConfig(STAND_IN, STAND_IN, STAND_IN),
+        caption=CaptionConfig(batch_size=256), entities=EntityConfig(batch_size=256),
+        segment=SegmentConfig(crop_size=64, batch_size=256),  # the world's own crop size, fill and margin
+        resources=ResourcesConfig(actor_cpus=0.25, task_cpus=0.25),
+    )
+
+
 PRESETS = Presets(ConstructConfig)
 PRESETS.register("tiny", _tiny)
+PRESETS.register("world", _world)
 PRESETS.register("paper", ConstructConfig)
 
 
@@ -139,8 +160,13 @@ def resolve(uri: str) -> str:
 
 
 def resolved(cfg: ConstructConfig) -> ConstructConfig:
-    models = dataclasses.replace(cfg.models, captioner=resolve(cfg.models.captioner),
-                                 entity_llm=resolve(cfg.models.entity_llm), segmenter=resolve(cfg.models.segmenter))
+    from kosmos_g.pipelines.construct_world import STAND_IN
+
+    def model(uri: str) -> str:
+        return uri if uri == STAND_IN else resolve(uri)
+
+    models = dataclasses.replace(cfg.models, captioner=model(cfg.models.captioner),
+                                 entity_llm=model(cfg.models.entity_llm), segmenter=model(cfg.models.segmenter))
     return dataclasses.replace(cfg, input=resolve(cfg.input), output=resolve(cfg.output), models=models)
 
 
@@ -151,6 +177,11 @@ def prepare(cfg: ConstructConfig) -> None:
     if cfg.write_sample_images and not _image_uris(cfg.input):
         print(f"construct: writing the sample photographs to {cfg.input}", flush=True)
         samples.write_sample_images(cfg.input)
+    if cfg.write_world_images and not _image_uris(cfg.input):
+        from kosmos_g.platform.data import world
+
+        print(f"construct: writing the miniature world's {world.TRAINING_SCENES} scenes to {cfg.input}", flush=True)
+        world.write_world_images(cfg.input, world.scenes(0, world.TRAINING_SCENES, "train"))
     if cfg.models.build_tiny:
         from kosmos_g.pipelines.tiny_models import write_tiny_models
 
@@ -171,8 +202,15 @@ def build_dataset(cfg: ConstructConfig, counter: str):
     import ray
     from ray.data import ActorPoolStrategy
 
-    from kosmos_g.pipelines.construct_models import Captioner, EntityExtractor, Segmenter, decode_inputs
+    from kosmos_g.pipelines import construct_models, construct_world
 
+    def model_class(field: str, real):
+        """The real model's UDF, or the world's stand-in for it (ModelsConfig value "world")."""
+        return construct_world.STAND_INS[field] if getattr(cfg.models, field) == construct_world.STAND_IN else real
+
+    Captioner = model_class("captioner", construct_models.Captioner)
+    EntityExtractor = model_class("entity_llm", construct_models.EntityExtractor)
+    Segmenter = model_class("segmenter", construct_models.Segmenter)
     res = cfg.resources
     gpus = res.actor_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0
     pool = {"compute": ActorPoolStrategy(min_size=1, max_size=max(1, res.actors_per_model)),
@@ -180,7 +218,8 @@ def build_dataset(cfg: ConstructConfig, counter: str):
     filesystem, root = storage.pyarrow_filesystem(cfg.input)
     ds = ray.data.read_binary_files(root, filesystem=filesystem, include_paths=True,
                                     file_extensions=IMAGE_EXTENSIONS, num_cpus=res.task_cpus)
-    ds = ds.map_batches(decode_inputs, fn_args=(root.rstrip("/"), cfg.max_image_side, cfg.jpeg_quality, counter),
+    ds = ds.map_batches(construct_models.decode_inputs,
+                        fn_args=(root.rstrip("/"), cfg.max_image_side, cfg.jpeg_quality, counter, cfg.image_format),
                         batch_format="pyarrow", num_cpus=res.task_cpus)
     ds = ds.map_batches(Captioner, batch_size=cfg.caption.batch_size, **pool, fn_constructor_kwargs={
         "model": cfg.models.captioner, "prompt": cfg.caption.prompt, "max_new_tokens": cfg.caption.max_new_tokens,
@@ -194,7 +233,8 @@ def build_dataset(cfg: ConstructConfig, counter: str):
         "model": cfg.models.segmenter, "threshold": seg.mask_threshold, "min_area": seg.min_entity_area,
         "crop_size": seg.crop_size, "with_background": seg.crop_with_background,
         "without_background": seg.crop_without_background, "fill": seg.background_fill, "margin": seg.crop_margin,
-        "batch_size": seg.prompts_per_forward, "jpeg_quality": cfg.jpeg_quality, "counter": counter})
+        "batch_size": seg.prompts_per_forward, "jpeg_quality": cfg.jpeg_quality, "counter": counter,
+        "image_format": cfg.image_format})
     # Same input, same order, same shard files: what makes re-runs replace, not duplicate.
     ds.context.execution_options.preserve_order = True
     return ds

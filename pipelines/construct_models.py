@@ -147,17 +147,20 @@ class EntityExtractor:
                                                           add_generation_prompt=True) for p in prompts]
         return prompts
 
-    def __call__(self, table: pa.Table) -> pa.Table:
-        captions = table.column("caption").to_pylist()
+    def answers(self, table: pa.Table, captions: list[str]) -> list[str]:
+        """The LLM's answer (a list of entities, in words) for each caption."""
         inputs = self.tokenizer(self._prompts(captions), return_tensors="pt", padding=True).to(self.device)
         if self.generate_kwargs["do_sample"]:
             # Seeded by the batch's content: the same batch samples the same answers on a re-run.
             self.torch.manual_seed(key_hash(self.seed, *table.column("key").to_pylist()) % 2**63)
         with self.torch.inference_mode():
             output = self.model.generate(**inputs, **self.generate_kwargs)
-        answers = self.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return self.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        captions = table.column("caption").to_pylist()
         keep, entities = [], []
-        for index, (caption, answer) in enumerate(zip(captions, answers)):
+        for index, (caption, answer) in enumerate(zip(captions, self.answers(table, captions))):
             spans = parse_entities(answer, caption, self.max_entities) if caption else []
             if spans:
                 keep.append(index)
@@ -175,7 +178,16 @@ class Segmenter:
 
     def __init__(self, model: str, threshold: float = 0.3, min_area: float = 0.01, crop_size: int = 512,
                  with_background: bool = True, without_background: bool = True, fill: int = 255,
-                 margin: float = 0.05, batch_size: int = 16, jpeg_quality: int = 95, counter: str | None = None):
+                 margin: float = 0.05, batch_size: int = 16, jpeg_quality: int = 95, counter: str | None = None,
+                 image_format: str = "JPEG"):
+        self.threshold, self.min_area, self.crop_size = threshold, min_area, crop_size
+        self.variants = (with_background, without_background)
+        self.fill, self.margin, self.batch_size, self.quality = fill, margin, batch_size, jpeg_quality
+        self.image_format = image_format
+        self.skips = SkipRecorder(counter)
+        self.load(model)
+
+    def load(self, model: str) -> None:
         import torch
         from transformers import AutoProcessor, CLIPSegForImageSegmentation
 
@@ -183,10 +195,6 @@ class Segmenter:
         self.device, dtype = _device_and_dtype()
         self.processor = AutoProcessor.from_pretrained(path)
         self.model = CLIPSegForImageSegmentation.from_pretrained(path, dtype=dtype).to(self.device).eval()
-        self.threshold, self.min_area, self.crop_size = threshold, min_area, crop_size
-        self.variants = (with_background, without_background)
-        self.fill, self.margin, self.batch_size, self.quality = fill, margin, batch_size, jpeg_quality
-        self.skips = SkipRecorder(counter)
         self.torch = torch
 
     def probabilities(self, image, texts: list[str]) -> np.ndarray:
@@ -211,7 +219,7 @@ class Segmenter:
         if area < self.min_area:
             return None
         crop, crop_nobg, box = imaging.entity_crops(image, mask, self.crop_size, self.fill, self.margin)
-        encode = lambda im: imaging.encode_image(im, quality=self.quality)  # noqa: E731
+        encode = lambda im: imaging.encode_image(im, self.image_format, quality=self.quality)  # noqa: E731
         return {**entity, "box": list(box), "area": area,
                 "crop": encode(crop) if self.variants[0] else None,
                 "crop_nobg": encode(crop_nobg) if self.variants[1] else None}
@@ -232,9 +240,10 @@ class Segmenter:
         return shards.to_table("compositional", rows)
 
 
-def decode_inputs(table: pa.Table, root: str, max_side: int, quality: int, counter: str | None) -> pa.Table:
+def decode_inputs(table: pa.Table, root: str, max_side: int, quality: int, counter: str | None,
+                  image_format: str = "JPEG") -> pa.Table:
     """Ray Data task UDF over `read_binary_files` rows (bytes, path): decode, downscale to
-    `max_side`, re-encode as JPEG; undecodable files are dropped and counted as
+    `max_side`, re-encode (JPEG, or PNG where exact colours matter); undecodable files are dropped and counted as
     `decode_error`. The key is the path relative to the input prefix (stable on re-runs)."""
     rows, failed = [], 0
     for data, path in zip(table.column("bytes").to_pylist(), table.column("path").to_pylist()):
@@ -244,7 +253,7 @@ def decode_inputs(table: pa.Table, root: str, max_side: int, quality: int, count
             failed += 1
             continue
         key = path[len(root):].lstrip("/") if path.startswith(root) else path
-        rows.append({"key": key, "image": imaging.encode_image(image, quality=quality),
+        rows.append({"key": key, "image": imaging.encode_image(image, image_format, quality=quality),
                      "width": image.size[0], "height": image.size[1]})
     SkipRecorder(counter).record({"decode_error": failed})
     schema = pa.schema([("key", pa.string()), ("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32())])

@@ -27,6 +27,7 @@ SHAPES = ("circle", "square", "triangle", "star")
 SIZE = 64
 MIN_OBJECT, MAX_OBJECT = 20, 36
 GAP = 4  # pixels kept free between objects (2 px still, once downsampled to 32)
+TRAINING_SCENES = 10_000  # the training data the jobs write when it is missing (seed 0)
 
 
 def held_out_background(colour: str) -> str:
@@ -141,8 +142,9 @@ def caption_rows(scene_list: list[Scene], prefix: str = "world") -> list[dict]:
 
 
 def compositional_rows(scene_list: list[Scene], prefix: str = "world", crop_size: int = SIZE) -> list[dict]:
-    """Compositional-shard rows with the world's exact masks standing in for the segmenter:
-    each object phrase ("red circle") is an entity with a crop with and one without background."""
+    """Compositional-shard rows straight from the scenes' ground truth (each object phrase, "red
+    circle", an entity with a crop with and one without background): what the construction
+    pipeline's world preset must reproduce from pixels alone (tests compare the two)."""
     from kosmos_g.platform.data import imaging
 
     rows = []
@@ -162,31 +164,49 @@ def compositional_rows(scene_list: list[Scene], prefix: str = "world", crop_size
     return rows
 
 
+def image_name(index: int) -> str:
+    return f"world-{index:07d}.png"
+
+
+def write_world_images(prefix: str, scene_list: list[Scene]) -> None:
+    """Each scene as a PNG under `prefix`: the input of `pipelines/construct.py --preset world`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kosmos_g.platform import storage
+    from kosmos_g.platform.data import imaging
+
+    def write(index: int) -> None:
+        data = imaging.encode_image(scene_list[index].render(), "PNG")
+        storage.write_bytes(storage.join(prefix, image_name(index)), data)
+
+    with ThreadPoolExecutor(8) as pool:  # many small PUTs: overlap their round trips
+        list(pool.map(write, range(len(scene_list))))
+
+
 def write_world_shards(prefix: str, seed: int = 0, count: int = 10_000, rows_per_shard: int = 2_000) -> dict[str, str]:
-    """Training data of the world (held-out pairs excluded) as caption and compositional shards
-    under `prefix`; returns {"captions": ..., "compositional": ...}."""
+    """Training data of the world (held-out pairs excluded) under `prefix`: caption shards, and
+    the scenes as images for the construction pipeline, which makes the compositional shards
+    (`pipelines/construct.py --preset world`); returns {"captions": ..., "images": ...}."""
     from kosmos_g.platform import storage
     from kosmos_g.platform.data import shards
 
     storage.ensure_bucket(prefix)
     scene_list = scenes(seed, count, "train")
-    prefixes = {}
-    for source, build in (("captions", caption_rows), ("compositional", compositional_rows)):
-        target = storage.join(prefix, source)
-        shards.write_rows(target, source, build(scene_list), rows_per_shard=rows_per_shard,
-                          producer="kosmos_g.platform.data.world", total=len(scene_list))
-        prefixes[source] = target
+    prefixes = {"captions": storage.join(prefix, "captions"), "images": storage.join(prefix, "images")}
+    shards.write_rows(prefixes["captions"], "captions", caption_rows(scene_list), rows_per_shard=rows_per_shard,
+                      producer="kosmos_g.platform.data.world", total=len(scene_list))
+    write_world_images(prefixes["images"], scene_list)
     return prefixes
 
 
-def ensure_world_shards(root: str, count: int = 10_000, seed: int = 0) -> bool:
-    """Write the world's shards under `root` unless they are there; True when written."""
+def ensure_world_shards(root: str, count: int = TRAINING_SCENES, seed: int = 0) -> bool:
+    """Write the world's caption shards and images under `root` unless they are there; True when written."""
     from kosmos_g.platform import storage
     from kosmos_g.platform.data import shards
 
-    if storage.exists(storage.join(root, "captions", shards.MANIFEST)):
+    if (storage.exists(storage.join(root, "captions", shards.MANIFEST))
+            and storage.exists(storage.join(root, "images", image_name(count - 1)))):
         return False
-    print(f"[world] writing the miniature world's shards ({count} scenes) to {root}", flush=True)
+    print(f"[world] writing the miniature world's caption shards and images ({count} scenes) to {root}", flush=True)
     write_world_shards(root, seed=seed, count=count)
     return True
-

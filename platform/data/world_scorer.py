@@ -56,7 +56,8 @@ def shape_of(region: np.ndarray) -> str:
     return "circle" if fill >= CIRCLE_FILL else "star"
 
 
-def read_scene(image, min_area: float = 0.015) -> Reading:
+def read_regions(image, min_area: float = 0.015) -> tuple[str, list[tuple[ReadObject, np.ndarray]]]:
+    """(background colour, [(object, full-image bool mask)] left to right)."""
     labels = palette_labels(image)
     height, width = labels.shape
     border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
@@ -73,6 +74,11 @@ def read_scene(image, min_area: float = 0.015) -> Reading:
         interior = ndimage.binary_erosion(region)
         core = interior if interior.any() else region
         colour = int(np.bincount(labels[box][core], minlength=len(COLOURS)).argmax())
-        objects.append((box[1].start, ReadObject(COLOURS[colour], shape_of(region), float(area))))
+        objects.append((box[1].start, ReadObject(COLOURS[colour], shape_of(region), float(area)), regions == index))
     objects.sort(key=lambda item: item[0])  # left to right
-    return Reading(COLOURS[background], tuple(obj for _, obj in objects))
+    return COLOURS[background], [(obj, mask) for _, obj, mask in objects]
+
+
+def read_scene(image, min_area: float = 0.015) -> Reading:
+    background, objects = read_regions(image, min_area)
+    return Reading(background, tuple(obj for obj, _ in objects))

@@ -26,7 +26,6 @@ from kosmos_g.platform.train.config import OptimConfig, TrainConfig, world_root
 from kosmos_g.platform.train.job import checkpoint_uri, run_trainer
 from kosmos_g.platform.train.loop import BUNDLE_DIR
 
-WORLD_SCENES = 10_000  # scenes written when the world's shards are missing
 
 
 def world_captions() -> str:
@@ -84,7 +83,7 @@ def ensure_world(cfg: BackboneConfig) -> None:
     from kosmos_g.platform.data.world import ensure_world_shards
 
     if cfg.data.captions == world_captions():
-        ensure_world_shards(world_root(), count=WORLD_SCENES)
+        ensure_world_shards(world_root())
 
 
 def resolve_clip(cfg: BackboneConfig) -> str:

@@ -134,19 +134,28 @@ def pin_backbones(cfg: StageConfig) -> None:
 
 
 def ensure_world_data(cfg: StageConfig) -> None:
+    """The miniature world's caption shards and images are written on first use; its compositional
+    shards are the construction pipeline's output, so their absence is an error naming the job."""
+    from kosmos_g.platform.data import shards
+    from kosmos_g.platform.data.datastream import STAGE_SOURCES
     from kosmos_g.platform.data.world import ensure_world_shards
     from kosmos_g.platform.train.config import world_root
 
     root = world_root()
-    if any((getattr(cfg.data, s) or "").startswith(root) for s in ("captions", "compositional")):
-        ensure_world_shards(root)
+    used = {source: getattr(cfg.data, source) or "" for source in STAGE_SOURCES[cfg.stage]}
+    if not any(prefix.startswith(root) for prefix in used.values()):
+        return
+    ensure_world_shards(root)
+    compositional = used.get("compositional", "")
+    if compositional.startswith(root) and not storage.exists(storage.join(compositional, shards.MANIFEST)):
+        raise ConfigError(f"{compositional} holds no compositional shards yet: make them with "
+                          "`ray job submit -- python pipelines/construct.py --preset world`")
 
 
 def fit(cfg: StageConfig, init_uri: str | None, run_id: str):
     from kosmos_g.platform.data.datastream import collate_fn, training_dataset
 
     ensure_sample_data(cfg)
-    ensure_world_data(cfg)
     model_cfg = model_config_for(cfg, init_uri)
     # One skip counter per job, so concurrent jobs do not mix their counts.
     cfg.data.skip_counter = f"skips-{cfg.name}"
@@ -258,6 +267,7 @@ def run_stage(cfg: StageConfig, evaluator=None) -> StageResult:
         evaluator.check(cfg)
     cluster.connect()
     pin_backbones(cfg)
+    ensure_world_data(cfg)
     init_uri = resolve_init(cfg)
     config_hash = fingerprint(cfg, NOT_DECIDING, init_uri=init_uri)
     reused = registered_result(cfg, config_hash)

@@ -93,3 +93,38 @@ def test_print_config_and_presets(capsys):
     assert "mask_threshold: 0.3" in text and "crop_size: 512" in text
     tiny = construct.PRESETS.get("tiny", ["segment.mask_threshold=0.5"])
     assert tiny.segment.mask_threshold == 0.5 and tiny.models.build_tiny
+
+
+def test_construct_world_reproduces_the_worlds_ground_truth_from_pixels(ray_local, s3_prefix):
+    """`--preset world`: the stand-ins (caption and masks read from pixels, entities parsed from
+    the caption) through the real Ray Data construction give exactly the entities, boxes and
+    crops the world's ground truth gives (world.compositional_rows)."""
+    from kosmos_g.pipelines.construct_world import caption_of, parse_caption
+    from kosmos_g.platform.data import world
+
+    prefixes = world.write_world_shards(f"{s3_prefix}/world", seed=4, count=40, rows_per_shard=16)
+    output = f"{s3_prefix}/world/compositional"
+    run_name = f"test-world-{s3_prefix.rsplit('/', 1)[-1]}"
+    assert construct.main(["--preset", "world", "--set", f"input={prefixes['images']}", "--set", f"output={output}",
+                           "--set", "write_world_images=false", "--set", f"run_name={run_name}",
+                           "--set", "rows_per_shard=16"]) == 0
+
+    scenes = world.scenes(4, 40)
+    expected = {world.image_name(i): row for i, row in enumerate(world.compositional_rows(scenes))}
+    rows = shards.read_table(output).to_pylist()
+    assert sorted(row["key"] for row in rows) == sorted(expected)  # every scene has readable objects
+    for row in rows:
+        truth, scene = expected[row["key"]], scenes[int(row["key"][6:13])]
+        assert row["caption"] == caption_of(imaging.decode_image(truth["image"]))
+        assert sorted(row["caption"].split()) == sorted(scene.caption.split())  # objects left to right
+        assert imaging.decode_image(row["image"]).tobytes() == imaging.decode_image(truth["image"]).tobytes()
+        by_box = {tuple(e["box"]): e for e in truth["entities"]}
+        assert len(row["entities"]) == len(by_box) or len({e["text"] for e in truth["entities"]}) < len(by_box)
+        for entity in row["entities"]:
+            assert row["caption"][entity["start"]:entity["end"]] == entity["text"]
+            reference = by_box[tuple(entity["box"])]
+            assert entity["text"] == reference["text"] and entity["area"] == pytest.approx(reference["area"])
+            for variant in ("crop", "crop_nobg"):
+                assert imaging.decode_image(entity[variant]).tobytes() == \
+                    imaging.decode_image(reference[variant]).tobytes(), variant
+    assert parse_caption("a red circle and a yellow star on a blue background") == "red circle, yellow star"

@@ -55,18 +55,23 @@ def test_scorer_on_a_blank_image():
     assert blank.background == "green" and blank.objects == ()
 
 
-def test_shards_hold_scenes_with_exact_entities(s3_prefix):
+def test_shards_hold_captions_and_scene_images(s3_prefix):
+    from kosmos_g.platform import storage
+    from kosmos_g.platform.data.imaging import decode_image
+
     prefixes = world.write_world_shards(f"{s3_prefix}/world", seed=2, count=40, rows_per_shard=16)
     captions = shards.read_table(prefixes["captions"]).to_pylist()
-    compositional = shards.read_table(prefixes["compositional"]).to_pylist()
-    assert len(captions) == len(compositional) == 40
     scenes = world.scenes(2, 40)
-    for row, scene in zip(compositional, scenes):
+    assert [row["caption"] for row in captions] == [scene.caption for scene in scenes]
+    first = decode_image(captions[0]["image"])
+    assert read_scene(first).background == scenes[0].background  # PNG: colours exact
+    # The construction pipeline's input (its world preset makes the compositional shards).
+    images = sorted(u for u in storage.list_uris(prefixes["images"]) if u.endswith(".png"))
+    assert [u.rsplit("/", 1)[1] for u in images] == [world.image_name(i) for i in range(40)]
+    assert decode_image(storage.read_bytes(images[7])).tobytes() == scenes[7].render().tobytes()
+    # Ground-truth compositional rows (what construction must reproduce): exact entity spans.
+    for row, scene in zip(world.compositional_rows(scenes[:10]), scenes):
         assert row["caption"] == scene.caption
         assert [e["text"] for e in row["entities"]] == [o.phrase for o in scene.objects]
         for entity in row["entities"]:
             assert row["caption"][entity["start"]:entity["end"]] == entity["text"]
-    from kosmos_g.platform.data.imaging import decode_image
-
-    first = decode_image(captions[0]["image"])
-    assert read_scene(first).background == scenes[0].background  # PNG: colours exact
