@@ -7,8 +7,9 @@ figure (docs/REPRODUCTION.md, docs/reproduce_mini.png) and one MLflow run holdin
     .venv/bin/python bench/reproduce_mini.py --evaluate-only # the registered models, evaluated again
 
 Every step is the platform's own job, submitted as a user would (`ray job submit -- python
-pipelines/<step>.py --preset mini`); a step whose exact config is already registered is reused by
-the job itself. The models evaluated, on the same held-out cases and the same noise:
+pipelines/<step>.py --preset mini`, construction with `--preset world`); a step whose exact config
+is already registered is reused by the job itself. One job at a time: the local stack's Ray head
+has 2 CPUs, and two Ray Data streams side by side can starve each other's read tasks. The models evaluated, on the same held-out cases and the same noise:
 
 - `full`: the stage-3 model (`kosmos-g`), and its text-only twin prompts (the subject never shown);
 - `stage 2 only`: the `kosmos-g-align` version stage 3 started from;
@@ -90,8 +91,8 @@ def submit(step: str, script: str, args: list[str]) -> dict:
 
 def train_chain() -> dict[str, dict]:
     jobs = {}
-    for step in ("mini_clip", "mini_decoder", "pretrain", "align", "instruct"):
-        jobs[step] = submit(step, f"pipelines/{step}.py", ["--preset", "mini"])
+    for step in ("mini_clip", "mini_decoder", "construct", "pretrain", "align", "instruct"):
+        jobs[step] = submit(step, f"pipelines/{step}.py", ["--preset", "world" if step == "construct" else "mini"])
     jobs["align_no_encoder"] = submit("align_no_encoder", "pipelines/align.py", ["--preset", "mini", *ABLATION])
     return jobs
 
