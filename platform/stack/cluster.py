@@ -3,8 +3,8 @@ sized to this machine.
 
 `RAY_ADDRESS` may be the dashboard URL (`http://…:8265`, what `ray job submit`
 wants and what `kosmos-g local env` exports); `ray.init` needs the GCS address,
-so that case maps to `KOSMOS_RAY_GCS_ADDRESS` or to the cluster on this machine.
-Inside a Ray job, Ray itself sets `RAY_ADDRESS` to the GCS address.
+so that case maps to the cluster on this machine. `KOSMOS_RAY_GCS_ADDRESS` (set by the local
+stack for its shells and jobs) wins over both. Inside a Ray job, Ray itself sets `RAY_ADDRESS`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,15 @@ def ray_address() -> str | None:
     address = os.environ.get("RAY_ADDRESS")
     if not address:
         return None
+    # The local stack names its GCS (its shell env and every job it runs carry it). Ray's own idea
+    # of "the cluster on this machine" (`auto`, and the address a job is handed) comes from a
+    # last-writer-wins file under /tmp/ray, wrong as soon as a second Ray starts here (tests
+    # running beside the stack sent a stack job to the tests' cluster).
+    pinned = os.environ.get("KOSMOS_RAY_GCS_ADDRESS")
+    if pinned:
+        return pinned
     if address.startswith(("http://", "https://")):
-        return os.environ.get("KOSMOS_RAY_GCS_ADDRESS") or "auto"
+        return "auto"
     return address
 
 
