@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from kosmos_g.platform.stack.services import STACK_ID_VAR
+
 # Environment a job's workers need to reach storage and tracking; passed in
 # runtime_env so it also holds on clusters whose nodes were started without it.
 FORWARDED_ENV = (
@@ -31,9 +33,12 @@ def ray_address() -> str | None:
     # The local stack names its GCS (its shell env and every job it runs carry it). Ray's own idea
     # of "the cluster on this machine" (`auto`, and the address a job is handed) comes from a
     # last-writer-wins file under /tmp/ray, wrong as soon as a second Ray starts here (tests
-    # running beside the stack sent a stack job to the tests' cluster).
+    # running beside the stack sent a stack job to the tests' cluster). A process of the stack
+    # (its jobs carry the stack id) or a dashboard URL therefore means the named GCS; any other
+    # address a user sets (another cluster) is taken as given.
     pinned = os.environ.get("KOSMOS_RAY_GCS_ADDRESS")
-    if pinned:
+    in_stack = bool(os.environ.get(STACK_ID_VAR))
+    if pinned and (in_stack or address.startswith(("http://", "https://"))):
         return pinned
     if address.startswith(("http://", "https://")):
         return "auto"
