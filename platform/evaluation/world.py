@@ -126,6 +126,9 @@ def score(case: WorldCase, image: Image.Image) -> dict[str, float]:
         largest = max(reading.objects, key=lambda o: o.area) if reading.objects else None
         hits["colour"] = float(largest is not None and largest.colour == case.subjects[0].colour)
         hits["shape"] = float(largest is not None and largest.shape == case.subjects[0].shape)
+        # The object drawn in the colour of the subject image's background: the model found the
+        # crop's colours but not which of them is the object.
+        hits["subject_background"] = float(largest is not None and largest.colour == case.subjects[0].shown_on)
     return hits
 
 
@@ -138,7 +141,7 @@ def summarise(scores: Sequence[dict]) -> dict[str, float]:
         if not rows:
             continue
         metrics[f"world_{kind}_images"] = float(len(rows))
-        for name in ("colour", "shape", "both_colours", "background", "clip_i", "clip_t"):
+        for name in ("colour", "shape", "both_colours", "background", "subject_background", "clip_i", "clip_t"):
             values = [r[name] for r in rows if r.get(name) is not None and not _missing(r[name])]
             if values:
                 metrics[f"world_{kind}_{name}"] = float(np.mean(values))

@@ -55,10 +55,14 @@ def test_subject_images_show_the_subject_on_its_own_background():
 def test_scorer_is_exact_on_rendered_answers_and_misses():
     for case in world_eval.cases(12, 12, seed=5):
         hits = world_eval.score(case, _answer(case))
-        assert all(value == 1.0 for value in hits.values()), (case, hits)
+        leak = hits.pop("subject_background", 0.0)
+        assert leak == 0.0 and all(value == 1.0 for value in hits.values()), (case, hits)
         wrong = [c for c in world.COLOURS if c != case.background and c not in {s.colour for s in case.subjects}]
         missed = world_eval.score(case, _answer(case, wrong[: len(case.subjects)]))
         assert missed["colour"] == 0.0 and missed["background"] == 1.0
+        if case.kind == "single":  # drawn in the colour the subject image's background has
+            leaked = world_eval.score(case, _answer(case, [case.subjects[0].shown_on]))
+            assert (leaked["colour"], leaked["subject_background"]) == (0.0, 1.0)
     rows = [{"kind": "single", "colour": 1.0, "shape": 0.0, "background": 1.0},
             {"kind": "single", "colour": 0.0, "shape": 0.0, "background": 1.0},
             {"kind": "pair", "colour": 1.0, "both_colours": 0.0, "shape": float("nan"), "background": 0.0}]
@@ -107,6 +111,7 @@ def test_world_job_records_scores_per_model(s3_prefix, tmp_path, clip_dir):
     with open(table) as handle:
         scored = list(csv.DictReader(handle))
     assert sorted(r["kind"] for r in scored) == ["pair"] * 2 + ["single"] * 3 + ["text"] * 3
+    assert 0.0 <= metrics["world_single_subject_background"] <= 1.0
     assert all(r["background"] in ("0.0", "1.0") for r in scored)
     grid = tracking.client().download_artifacts(run.info.run_id, "world/samples.png", str(tmp_path))
     assert Image.open(grid).size[1] == 8 * (128 + 34)  # every case of this small run drawn
