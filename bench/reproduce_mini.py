@@ -160,7 +160,7 @@ def figure(results: dict[str, dict], cases: int = 6):
     """Rows of held-out cases: subject image(s) | each model's image | the text-only image."""
     from PIL import Image, ImageDraw
 
-    from kosmos_g.platform import storage
+    from kosmos_g.pipelines.generate import image_uri
     from kosmos_g.platform.evaluation import world as world_eval
     from kosmos_g.platform.evaluation.grid import open_image
 
@@ -175,10 +175,10 @@ def figure(results: dict[str, dict], cases: int = 6):
         draw.text((c * cell + 4, 8), name, fill="black")
     for r, case in enumerate(chosen):
         top = label_h + r * (cell + label_h)
-        images = [open_image(storage.join(full["out"], "subjects", f"{case.key}-{i}.png")) if i < len(case.subjects)
+        images = [open_image(world_eval.subject_uri(full["subjects"], case, i)) if i < len(case.subjects)
                   else None for i in range(2)]
-        images += [open_image(storage.join(result["out"], "images", f"{case.key}.png")) for result in results.values()]
-        images.append(open_image(storage.join(full["out"], "images", case.key.replace("single", "text") + ".png"))
+        images += [open_image(image_uri(result["out"], case.key)) for result in results.values()]
+        images.append(open_image(image_uri(full["out"], case.key.replace("single", "text")))
                       if case.kind == "single" else None)
         for c, image in enumerate(images):
             if image is not None:

@@ -17,8 +17,8 @@ reference → generated pairs as `dreambench/samples.png`.
 `--preset world` evaluates a model of the miniature world (docs/REPRODUCTION.md) on held-out
 combinations (platform/evaluation/world.py): the world scorer reads colour, shape and background
 from the generated pixels (identity and background accuracy) and the mini CLIP gives CLIP-I /
-CLIP-T. Images go under `<out>/<model name>-<version>` (default out: eval/<name>) so evaluating another model never reuses
-them; MLflow gets `world_<kind>_<metric>` metrics, `world/scores.csv` and `world/samples.png`.
+CLIP-T. Images go under `<out>/<model name>-<version>` (default out: eval/<name>) so evaluating
+another model never reuses them, subject images under `<out>/subjects`, shared by the models; MLflow gets `world_<kind>_<metric>` metrics, `world/scores.csv` and `world/samples.png`.
 """
 
 from __future__ import annotations
@@ -225,8 +225,10 @@ class WorldScorer:
         return out
 
 
-def world_rows(cfg: EvalConfig, out: str) -> tuple[list[dict], dict[str, dict]]:
-    """Write the cases' subject images under `<out>/subjects`; (generation rows, key -> case info)."""
+def world_rows(cfg: EvalConfig, subjects: str) -> tuple[list[dict], dict[str, dict]]:
+    """Write the cases' subject images under `subjects` (one file per subject image: a text-only
+    twin shares its case's, and every model evaluated under the same root reads the same files);
+    (generation rows, key -> case info)."""
     from kosmos_g.platform import storage
     from kosmos_g.platform.data import imaging
     from kosmos_g.platform.evaluation import world as world_eval
@@ -235,7 +237,7 @@ def world_rows(cfg: EvalConfig, out: str) -> tuple[list[dict], dict[str, dict]]:
     for case in world_eval.cases(cfg.singles, cfg.pairs, cfg.seed):
         references = []
         for index, subject in enumerate(case.subjects):
-            uri = storage.join(out, "subjects", f"{case.key}-{index}.png")
+            uri = world_eval.subject_uri(subjects, case, index)
             if not storage.exists(uri):
                 image = world_eval.subject_image(subject, world_eval.subject_seed(case, index))
                 storage.write_bytes(uri, imaging.encode_image(image, "PNG"))
@@ -262,10 +264,11 @@ def run_world(cfg: EvalConfig) -> dict[str, float]:
     cfg.model, cfg.clip = tracking.pin_model_uri(cfg.model), tracking.pin_model_uri(cfg.clip)
     # Generated images are kept per model, so a re-run resumes and another model starts afresh.
     model_slug = re.sub(r"[^\w.-]+", "-", cfg.model.split(":/", 1)[-1]).strip("-")
-    out = storage.join(cfg.out or storage.default_root("eval", cfg.name), model_slug)
+    root = cfg.out or storage.default_root("eval", cfg.name)
+    out, subjects = storage.join(root, model_slug), storage.join(root, "subjects")
     run_id, _ = tracking.start_run("evaluate", f"{cfg.name}-{model_slug}", cfg,
                                    tags={"benchmark": "world", "model": cfg.model})
-    rows, targets = world_rows(cfg, out)
+    rows, targets = world_rows(cfg, subjects)
     print(f"[evaluate] world: {len(rows)} held-out cases for {cfg.model} → {out}", flush=True)
     generate_rows(rows, out, str(weights.local_dir(cfg.model)), cfg.batch_size)
     written = done_keys(out)
@@ -282,7 +285,7 @@ def run_world(cfg: EvalConfig) -> dict[str, float]:
     tracking.log_metrics(run_id, metrics, 0)
     _log_world_artifacts(run_id, scores)
     tracking.end_run(run_id)
-    print(json.dumps({"run_id": run_id, "model": cfg.model, "out": out, **metrics}), flush=True)
+    print(json.dumps({"run_id": run_id, "model": cfg.model, "out": out, "subjects": subjects, **metrics}), flush=True)
     return metrics
 
 

@@ -114,6 +114,15 @@ def subject_seed(case: WorldCase, index: int) -> int:
     return case.seed * 10 + index
 
 
+def subject_uri(root: str, case: WorldCase, index: int) -> str:
+    """Where subject image `index` of `case` is kept under `root` (named by what draws it, so a
+    text-only twin, which shares its case's seed and subject, names the same file)."""
+    from kosmos_g.platform import storage
+
+    subject = case.subjects[index]
+    return storage.join(root, f"{subject.colour}-{subject.shape}-on-{subject.shown_on}-{subject_seed(case, index)}.png")
+
+
 def score(case: WorldCase, image: Image.Image) -> dict[str, float]:
     """World-scorer reading of one generated image against its case (1.0 hit, 0.0 miss)."""
     reading = read_scene(image)

@@ -41,12 +41,12 @@ def resolve_init(cfg: StageConfig) -> str | None:
         return tracking.pin_model_uri(cfg.init)
     if cfg.stage == 1:
         return None
-    previous = tracking.latest_model_uri(REGISTERED_NAMES[cfg.stage - 1])
-    if previous is None:
+    try:  # the previous stage's newest version, pinned (one registry query)
+        return tracking.pin_model_uri(f"models:/{REGISTERED_NAMES[cfg.stage - 1]}/latest")
+    except ValueError:
         print(f"[{cfg.pipeline}] no registered {REGISTERED_NAMES[cfg.stage - 1]} model: starting from random "
               "weights (pass --set init=URI to start from a checkpoint)", flush=True)
         return None
-    return tracking.pin_model_uri(previous)
 
 
 # What does not decide a stage's weights: names, locations, switches, reserved CPUs, the evaluation.

@@ -75,7 +75,7 @@ class StageTask(Task):
 
         if cfg.stage != 2 or load_config(bundle).aligner == cfg.model.aligner:
             return None
-        print(f"[align] AlignerNet built from the stage config ({cfg.model.aligner}), not loaded from the "
+        print(f"[{cfg.pipeline}] AlignerNet built from the stage config ({cfg.model.aligner}), not loaded from the "
               "starting bundle", flush=True)
         return {f"aligner.{name}": value for name, value in asdict(cfg.model.aligner).items()}
 

@@ -39,6 +39,7 @@ def test_cases_are_held_out_deterministic_and_paired_with_text_only_twins():
         single = singles[twin.key[len("text-"):]]
         assert (twin.subjects, twin.background, twin.seed) == (single.subjects, single.background, single.seed)
         assert "<image>" not in twin.prompt and not twin.shows_images
+        assert world_eval.subject_uri("s3://b/subjects", twin, 0) == world_eval.subject_uri("s3://b/subjects", single, 0)
     pair = next(c for c in cases if c.kind == "pair")
     assert pair.prompt == f"a <image> and a <image> on a {pair.background} background"
     assert pair.subjects[0].colour != pair.subjects[1].colour
