@@ -143,17 +143,25 @@ class Preprocessor:
             keep_background = rng.random() < self.data.keep_background_p
             if start < position:
                 continue  # overlaps the previous entity
-            # Shards may hold only one variant (construct.py can switch either off).
-            chosen, other = ("crop", "crop_nobg") if keep_background else ("crop_nobg", "crop")
-            crop = entity.get(chosen) if entity.get(chosen) is not None else entity.get(other)
             segments.append(caption[position:start] + ("" if drop_text else caption[start:end]))
-            segments.append(self._clip_image(crop))
+            segments.append(self._entity_image(entity, keep_background, rng))
             info["n_entities"] += 1
             info["n_entity_text_dropped"] += int(drop_text)
             info["n_background_kept"] += int(keep_background)
             position = end
         segments.append(caption[position:])
         return segments
+
+    def _entity_image(self, entity: dict, keep_background: bool, rng: np.random.Generator) -> Any:
+        # Shards may hold only one variant (construct.py can switch either off).
+        chosen, other = ("crop", "crop_nobg") if keep_background else ("crop_nobg", "crop")
+        if entity.get(chosen) is None:
+            chosen = other
+        image = self._clip_image(entity.get(chosen))
+        if chosen == "crop_nobg" and self.data.removed_background == "random" and entity.get("crop") is not None:
+            colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+            image = imaging.refill_background(self._clip_image(entity["crop"]), image, colour)
+        return image
 
     def _check_caption_lengths(self, caption: str) -> None:
         if len(self.tokenizer.text.encode(caption)) > self.data.stage2_max_text_tokens:

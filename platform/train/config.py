@@ -115,6 +115,8 @@ class StageConfig:
             raise ConfigError(f"train.zero_stage must be 0, 1 or 2, got {self.train.zero_stage}")
         if self.train.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.train.precision!r}")
+        if self.data.removed_background not in ("white", "random"):
+            raise ConfigError(f"data.removed_background must be 'white' or 'random', got {self.data.removed_background!r}")
         for key in ("steps", "batch_size", "num_workers", "checkpoint_every", "log_every"):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f"train.{key} must be at least 1")
@@ -229,6 +231,10 @@ def _mini(stage: int) -> StageConfig:
     model.image_decoder.pretrained_path = MINI_BACKBONES["decoder"]
     root = world_root()
     data = DataConfig(captions=f"{root}/captions", compositional=f"{root}/compositional", num_cpus=0.25, workers=1)
+    if stage == 3:
+        # A crop's background is the target's (or white), and the caption names it: the first
+        # run drew the object in the subject image's background colour as often as in its own.
+        data.removed_background = "random"
     lr = {1: 1e-3, 2: 1e-3, 3: 5e-4}[stage]
     steps = {1: 300, 2: 600, 3: 1500}[stage]
     batch = {1: 16, 2: 64, 3: 32}[stage]

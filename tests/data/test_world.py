@@ -75,3 +75,55 @@ def test_shards_hold_captions_and_scene_images(s3_prefix):
         assert [e["text"] for e in row["entities"]] == [o.phrase for o in scene.objects]
         for entity in row["entities"]:
             assert row["caption"][entity["start"]:entity["end"]] == entity["text"]
+
+
+def test_a_removed_background_refilled_keeps_the_entity():
+    """`imaging.refill_background` paints only where the background was removed: the scorer
+    reads the same object on the new colour. (A white background, the fill itself, is
+    indistinguishable from no background and stays white.)"""
+    from kosmos_g.platform.data import imaging
+
+    for scene in [scene for scene in world.scenes(3, 30) if scene.background != "white"]:
+        image = scene.render()
+        for index, obj in enumerate(scene.objects):
+            crop, crop_nobg, _ = imaging.entity_crops(image, scene.mask(index), world.SIZE)
+            fill = next(c for c in world.COLOURS if c not in (obj.colour, scene.background, "white"))
+            refilled = imaging.refill_background(crop, crop_nobg, world.PALETTE[fill])
+            reading = read_scene(refilled)
+            assert reading.background == fill
+            assert (obj.colour, obj.shape) in [(o.colour, o.shape) for o in reading.objects]
+
+
+@pytest.mark.parametrize("removed_background", ["white", "random"])
+def test_stage3_entity_images_with_removed_backgrounds(removed_background):
+    """Background-removed entity images (keep_background_p=0) show white around the entity
+    as released, or a random colour per crop with `removed_background=random`; the entity
+    keeps its colour either way. (A white background cannot be told from the white fill.)"""
+    import pyarrow as pa
+
+    from kosmos_g.models.config import model_preset
+    from kosmos_g.platform.data.datastream import DataConfig
+    from kosmos_g.platform.data.examples import Preprocessor
+
+    scene_list = [scene for scene in world.scenes(5, 60) if len(scene.objects) == 1 and scene.background != "white"]
+    rows = world.compositional_rows(scene_list)
+    table = pa.Table.from_pylist([{**row, "source": "compositional", "draw": 0} for row in rows])
+    data = DataConfig(keep_background_p=0.0, removed_background=removed_background, fast_decode=False)
+    model = model_preset("tiny")
+    size = model.mllm.vision.image_size
+    examples = Preprocessor(3, data, model)(table).to_pylist()
+    assert len(examples) == len(scene_list) > 10
+    corners, entity_kept = [], []
+    for scene, example in zip(scene_list, examples):
+        assert example["n_images"] == example["n_entities"] == 1 and example["n_background_kept"] == 0
+        pixels = np.frombuffer(example["clip_pixels"], np.uint8).reshape(3, size, size).astype(int)
+        corners.append(tuple(pixels[:, 0, 0]))
+        centre = pixels[:, size // 2, size // 2]
+        entity_kept.append(np.abs(centre - world.PALETTE[scene.objects[0].colour]).max() <= 8)
+    assert np.mean(entity_kept) > 0.8  # a star's or a triangle's centre may fall on its edge
+    # (The corner of a square's crop blends with the square, a few levels off white.)
+    white = [min(corner) >= 230 for corner in corners]
+    if removed_background == "white":
+        assert all(white), corners
+    else:
+        assert np.mean(white) < 0.1 and len(set(corners)) > 0.8 * len(corners)
