@@ -122,7 +122,8 @@ def score_images(images: list[dict[str, Any]], dino: str, clip: str) -> list[dic
     import ray
 
     scored = ray.data.from_items(images).map_batches(
-        Scorer, fn_constructor_args=(dino, clip), batch_size=16, concurrency=1, num_cpus=0.5)
+        Scorer, fn_constructor_args=(dino, clip), batch_size=16, num_cpus=0.5,
+        compute=ray.data.ActorPoolStrategy(size=1))
     scores = []
     with Progress("evaluate: scoring", total=len(images), unit="images", stream=sys.stdout) as progress:
         for row in scored.iter_rows():
@@ -275,7 +276,8 @@ def run_world(cfg: EvalConfig) -> dict[str, float]:
     items = [{"key": key, "image_uri": image_uri(out, key), **target}
              for key, target in targets.items() if key in written]
     scored = ray.data.from_items(items).map_batches(
-        WorldScorer, fn_constructor_args=(cfg.clip,), batch_size=32, concurrency=1, num_cpus=0.5)
+        WorldScorer, fn_constructor_args=(cfg.clip,), batch_size=32, num_cpus=0.5,
+        compute=ray.data.ActorPoolStrategy(size=1))
     scores = []
     with Progress("evaluate: scoring", total=len(items), unit="images", stream=sys.stdout) as progress:
         for row in scored.iter_rows():

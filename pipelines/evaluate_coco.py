@@ -103,8 +103,8 @@ def inception_features(uris_real: list[str], uris_generated: list[str], cfg: Coc
 
     items = [{"uri": u, "real": True} for u in uris_real] + [{"uri": u, "real": False} for u in uris_generated]
     stream = ray.data.from_items(items).map_batches(
-        InceptionActor, fn_constructor_args=(cfg.inception,), batch_size=cfg.feature_batch_size, concurrency=1,
-        num_cpus=0.5)
+        InceptionActor, fn_constructor_args=(cfg.inception,), batch_size=cfg.feature_batch_size, num_cpus=0.5,
+        compute=ray.data.ActorPoolStrategy(size=1))
     real, generated = [], []
     with Progress("coco: inception features", total=len(items), unit="images", stream=sys.stdout) as progress:
         for batch in stream.iter_batches(batch_size=cfg.feature_batch_size, batch_format="numpy"):

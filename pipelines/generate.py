@@ -231,9 +231,9 @@ def generate_rows(rows: list[dict[str, Any]], out: str, bundle: str, batch_size:
         options = _actor_options()
         ds = ray.data.from_items(todo)
         ds = ds.map_batches(ConditionEncoder, fn_constructor_args=(bundle,), batch_size=batch_size,
-                            concurrency=concurrency, **options)
+                            compute=ray.data.ActorPoolStrategy(size=concurrency), **options)
         ds = ds.map_batches(ImageDenoiser, fn_constructor_args=(bundle, out), batch_size=batch_size,
-                            concurrency=concurrency, **options)
+                            compute=ray.data.ActorPoolStrategy(size=concurrency), **options)
         with Progress("generate", total=len(todo), unit="rows", stream=sys.stdout) as progress:
             for row in ds.iter_rows():
                 results.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})

@@ -67,16 +67,26 @@ def registered_result(cfg: StageConfig, config_hash: str) -> StageResult | None:
     return StageResult(run_id, "", f"{cfg.registered_name}/{version}", {})
 
 
-def check_same_start(cfg: StageConfig, init_uri: str | None) -> None:
+# What a resubmitted job may change and still resume its checkpoints: more steps, other cadences.
+RESUMABLE = ("train.steps", "train.log_every", "train.checkpoint_every", "train.fail_at_step")
+
+
+def check_resumable(cfg: StageConfig, init_uri: str | None, resume_hash: str) -> None:
     """Re-submitting a job name resumes its checkpoints (that is how a run gets more steps); a
-    start that changed since (a retrained previous stage) would be silently ignored, so refuse."""
+    start or a config that changed since (a retrained previous stage, another data option) would
+    be silently ignored, so refuse."""
     experiment = tracking.client().get_experiment_by_name(tracking.experiment_name(cfg.pipeline))
     run_id = tracking.find_run(experiment.experiment_id, cfg.name) if experiment else None
-    started = tracking.client().get_run(run_id).data.tags.get("init_uri") if run_id else None
+    tags = tracking.client().get_run(run_id).data.tags if run_id else {}
+    started, trained = tags.get("init_uri"), tags.get("resume_hash")
     if started is not None and started != (init_uri or "random"):
         raise ConfigError(f"job name {cfg.name!r} holds a run that started from {started}; this one starts from "
                           f"{init_uri or 'random'}, but would resume that run's checkpoints. Pass --set name=<new> "
                           "for a fresh run.")
+    if trained is not None and trained != resume_hash:
+        raise ConfigError(f"job name {cfg.name!r} holds a run trained with another config (more than "
+                          f"{', '.join(RESUMABLE)} differ), but this one would resume its checkpoints. "
+                          "Pass --set name=<new> for a fresh run (`--print-config` shows the config).")
 
 
 def model_config_for(cfg: StageConfig, init_uri: str | None):
@@ -273,9 +283,11 @@ def run_stage(cfg: StageConfig, evaluator=None) -> StageResult:
     reused = registered_result(cfg, config_hash)
     if reused:
         return reused
-    check_same_start(cfg, init_uri)
+    resume_hash = fingerprint(cfg, NOT_DECIDING + RESUMABLE, init_uri=init_uri)
+    check_resumable(cfg, init_uri, resume_hash)
     run_id, resumed = tracking.start_run(cfg.pipeline, cfg.name, cfg, tags={"stage": str(cfg.stage)})
-    for key, value in (("config_hash", config_hash), ("init_uri", init_uri or "random")):
+    tags = {"config_hash": config_hash, "resume_hash": resume_hash, "init_uri": init_uri or "random"}
+    for key, value in tags.items():
         tracking.client().set_tag(run_id, key, value)  # a resumed run (more steps) trains this config now
     print(f"[{cfg.pipeline}] MLflow run {run_id} ({'continued' if resumed else 'new'}); "
           f"init: {init_uri or 'random'}; checkpoints: {cfg.resolved_storage_path()}/{cfg.name}", flush=True)

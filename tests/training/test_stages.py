@@ -203,7 +203,7 @@ def test_resubmitting_the_same_job_resumes(chain, sample_data):
 
 def test_a_registered_config_is_reused_and_a_changed_start_is_refused(chain, sample_data):
     """The same config (any job name) returns the registered version without training; a job
-    name whose run started elsewhere is not silently resumed from another start."""
+    name whose run started elsewhere, or trained another config, is not silently resumed."""
     from kosmos_g.platform.config import ConfigError
 
     root, results, names = chain
@@ -217,3 +217,6 @@ def test_a_registered_config_is_reused_and_a_changed_start_is_refused(chain, sam
     with pytest.raises(ConfigError, match="would resume"):
         run_stage(_config(2, prefixes, root, name=names[2], init="random",
                           **{"train.steps": 20, "train.fail_at_step": 7}))
+    # More steps resume (test_resubmitting_the_same_job_resumes); another config does not.
+    with pytest.raises(ConfigError, match="another config"):
+        run_stage(_config(1, prefixes, root, name=names[1], **{"train.steps": 12, "data.keep_background_p": 0.9}))
