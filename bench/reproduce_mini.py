@@ -12,6 +12,10 @@ is already registered is reused by the job itself. One job at a time: the local 
 has 2 CPUs, and two Ray Data streams side by side can starve each other's read tasks. The models evaluated, on the same held-out cases and the same noise:
 
 - `full`: the stage-3 model (`kosmos-g`), and its text-only twin prompts (the subject never shown);
+- `white fill (as released)`: stage 3 again from the same start with `data.removed_background=white`
+  (background-removed entity images on white, as released, instead of the mini preset's random
+  colour); registered (so a second bench run reuses it) and trained before the full model's job,
+  so that `kosmos-g/latest`, what `kosmos-g serve` loads, stays the full model;
 - `stage 2 only`: the `kosmos-g-align` version stage 3 started from;
 - `no encoder`: stage 2 again with `aligner.encoder_layers=0` (the paper's Table 2 ablation),
   not registered (so no later stage starts from it) and evaluated from its run.
@@ -37,6 +41,7 @@ DOC, FIGURE = ROOT / "docs" / "REPRODUCTION.md", ROOT / "docs" / "reproduce_mini
 BEGIN, END = "<!-- reproduce_mini:begin -->", "<!-- reproduce_mini:end -->"
 ABLATION_NAME = "align-mini-no-encoder"
 ABLATION = ["--set", "model.aligner.encoder_layers=0", "--set", f"name={ABLATION_NAME}", "--set", "register=false"]
+WHITE_FILL = ["--set", "data.removed_background=white", "--set", "name=instruct-mini-white-fill"]
 TARGETS = {"world_single_colour": ("one subject: its colour", 0.8), "world_single_shape": ("its shape", 0.6),
            "world_single_background": ("the asked background", 0.8),
            "world_pair_both_colours": ("two subjects: both colours", 0.6)}
@@ -93,22 +98,45 @@ def submit(step: str, script: str, args: list[str]) -> dict:
 
 def train_chain() -> dict[str, dict]:
     jobs = {}
-    for step in ("mini_clip", "mini_decoder", "construct", "pretrain", "align", "instruct"):
+    for step in ("mini_clip", "mini_decoder", "construct", "pretrain", "align"):
         jobs[step] = submit(step, f"pipelines/{step}.py", ["--preset", "world" if step == "construct" else "mini"])
+    jobs["instruct_white_fill"] = submit("instruct_white_fill", "pipelines/instruct.py", ["--preset", "mini", *WHITE_FILL])
+    jobs["instruct"] = submit("instruct", "pipelines/instruct.py", ["--preset", "mini"])
     jobs["align_no_encoder"] = submit("align_no_encoder", "pipelines/align.py", ["--preset", "mini", *ABLATION])
     return jobs
 
 
-def models_to_evaluate(jobs: dict[str, dict]) -> dict[str, str]:
-    """full: the newest `kosmos-g`; stage 2 only: the version it started from (its `init` tag)."""
+def stage3_versions() -> list[tuple[str, str, str]]:
+    """(version URI, `init` tag, removed_background) of every registered `kosmos-g`, newest first
+    (runs from before the option existed trained on white)."""
     from kosmos_g.platform import tracking
 
-    full = tracking.pin_model_uri("models:/kosmos-g/latest")
-    version = tracking.client().get_model_version("kosmos-g", full.rsplit("/", 1)[1])
-    started_from = version.tags.get("init", "")
+    found = []
+    for version in tracking.client().search_model_versions("name = 'kosmos-g'"):
+        params = tracking.client().get_run(version.run_id).data.params
+        found.append((int(version.version), version.tags.get("init", ""),
+                      params.get("data.removed_background", "white")))
+    return [(f"models:/kosmos-g/{n}", init, fill) for n, init, fill in sorted(found, reverse=True)]
+
+
+def models_to_evaluate(jobs: dict[str, dict]) -> dict[str, str]:
+    """full: the newest `kosmos-g` trained as the mini preset does (random fill), white fill: the
+    newest from the same start on white; stage 2 only: that start (the versions' `init` tag)."""
+    from kosmos_g.platform.train.config import stage_presets
+
+    preset_fill = stage_presets(3).get("mini").data.removed_background
+    versions = stage3_versions()
+    full = next(((uri, init) for uri, init, fill in versions if fill == preset_fill), None)
+    if full is None:
+        raise SystemExit("no registered kosmos-g trained as `instruct.py --preset mini` does: run the chain first")
+    full_uri, started_from = full
     if not started_from.startswith("models:/kosmos-g-align/"):
-        raise SystemExit(f"{full} did not start from a registered stage-2 model (init: {started_from!r})")
-    models = {"full": full, "stage 2 only": started_from}
+        raise SystemExit(f"{full_uri} did not start from a registered stage-2 model (init: {started_from!r})")
+    models = {"full": full_uri}
+    white = next((uri for uri, init, fill in versions if fill == "white" and init == started_from), None)
+    if white:
+        models["white fill (as released)"] = white
+    models["stage 2 only"] = started_from
     ablation = jobs.get("align_no_encoder", {}).get("run_id") or _last_run("align", ABLATION_NAME)
     if ablation:
         models["no encoder"] = f"runs:/{ablation}/model"

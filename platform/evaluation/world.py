@@ -19,6 +19,7 @@ ones stage 3 trains on, with their background kept), rendered deterministically 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -80,6 +81,14 @@ def _subject(rng: np.random.Generator, colour: str, target: str) -> Subject:
     return Subject(colour, str(rng.choice(world.SHAPES)), str(rng.choice(third)))
 
 
+def _case_key(kind: str, index: int, background: str, subjects: tuple[Subject, ...], seed: int) -> str:
+    """`<kind>-<index>-<digest of what the case asks>`: generated images are kept by key and a
+    rerun skips keys already drawn, so a key must not name another case when the counts change
+    (the pairs are drawn after the singles). A text-only twin shares its case's digest."""
+    content = json.dumps([background, [asdict(s) for s in subjects], seed])
+    return f"{kind}-{index:04d}-{hashlib.blake2b(content.encode(), digest_size=3).hexdigest()}"
+
+
 def cases(singles: int, pairs: int, seed: int = 0) -> list[WorldCase]:
     """`singles` single-subject cases (each with its text-only twin) and `pairs` two-subject cases."""
     rng = np.random.default_rng(seed)
@@ -88,14 +97,15 @@ def cases(singles: int, pairs: int, seed: int = 0) -> list[WorldCase]:
         colour = str(rng.choice(world.COLOURS))
         target = world.held_out_background(colour)
         subject = _subject(rng, colour, target)
-        found.append(WorldCase(f"single-{i:04d}", "single", target, (subject,), seed + i))
-        found.append(WorldCase(f"text-{i:04d}", "text", target, (subject,), seed + i))
+        for kind in ("single", "text"):
+            found.append(WorldCase(_case_key(kind, i, target, (subject,), seed + i), kind, target, (subject,), seed + i))
     for i in range(pairs):
         first = str(rng.choice(world.COLOURS))
         target = world.held_out_background(first)
         second = str(rng.choice([c for c in world.COLOURS if c not in (first, target)]))
         subjects = (_subject(rng, first, target), _subject(rng, second, target))
-        found.append(WorldCase(f"pair-{i:04d}", "pair", target, subjects, seed + singles + i))
+        found.append(WorldCase(_case_key("pair", i, target, subjects, seed + singles + i), "pair", target, subjects,
+                               seed + singles + i))
     return found
 
 

@@ -40,6 +40,10 @@ def test_cases_are_held_out_deterministic_and_paired_with_text_only_twins():
         assert (twin.subjects, twin.background, twin.seed) == (single.subjects, single.background, single.seed)
         assert "<image>" not in twin.prompt and not twin.shows_images
         assert world_eval.subject_uri("s3://b/subjects", twin, 0) == world_eval.subject_uri("s3://b/subjects", single, 0)
+    # A key names one case whatever the counts: with other counts, the pairs differ, and so do their keys.
+    other = {c.key: c for c in world_eval.cases(41, 20, seed=3)}
+    assert all(other[c.key] == c for c in cases if c.key in other)
+    assert not {c.key for c in cases if c.kind == "pair"} & set(other)
     pair = next(c for c in cases if c.kind == "pair")
     assert pair.prompt == f"a <image> and a <image> on a {pair.background} background"
     assert pair.subjects[0].colour != pair.subjects[1].colour
