@@ -42,6 +42,13 @@ def test_paper_stage3_drops_small_images():
     assert stage_presets(3).get("tiny").data.min_image_side == 0
 
 
+def test_removed_background_fill_is_checked_before_anything_runs(capsys):
+    assert stage_presets(3).get("mini").data.removed_background == "random"
+    assert stage_presets(3).get("paper").data.removed_background == "white"  # as released
+    assert main(3, ["--preset", "tiny", "--set", "data.removed_background=grey"]) == 2
+    assert "data.removed_background must be 'white' or 'random'" in capsys.readouterr().err
+
+
 def test_stage2_ablation_builds_a_fresh_aligner_and_keeps_the_mllm(tmp_path):
     """`--set model.aligner.encoder_layers=0` after a stage-1 bundle (whose AlignerNet has an
     encoder) is not silently replaced by the bundle's AlignerNet: stage 2 builds the asked one."""
