@@ -13,9 +13,10 @@ has 2 CPUs, and two Ray Data streams side by side can starve each other's read t
 
 - `full`: the stage-3 model (`kosmos-g`), and its text-only twin prompts (the subject never shown);
 - `white fill (as released)`: stage 3 again from the same start with `data.removed_background=white`
-  (background-removed entity images on white, as released, instead of the mini preset's random
-  colour); registered (so a second bench run reuses it) and trained before the full model's job,
-  so that `kosmos-g/latest`, what `kosmos-g serve` loads, stays the full model;
+  (background-removed entity images on white, as released, instead of the mini preset's world
+  colours); registered (so a second bench run reuses it) and trained before the full model's job,
+  so that `kosmos-g/latest`, what `kosmos-g serve` loads, stays the full model; any other
+  registered stage 3 from the same start with another fill (`random-RGB fill`) is evaluated too;
 - `stage 2 only`: the `kosmos-g-align` version stage 3 started from;
 - `no encoder`: stage 2 again with `aligner.encoder_layers=0` (the paper's Table 2 ablation),
   not registered (so no later stage starts from it) and evaluated from its run.
@@ -42,6 +43,7 @@ BEGIN, END = "<!-- reproduce_mini:begin -->", "<!-- reproduce_mini:end -->"
 ABLATION_NAME = "align-mini-no-encoder"
 ABLATION = ["--set", "model.aligner.encoder_layers=0", "--set", f"name={ABLATION_NAME}", "--set", "register=false"]
 WHITE_FILL = ["--set", "data.removed_background=white", "--set", "name=instruct-mini-white-fill"]
+FILL_LABELS = {"white": "white fill (as released)", "random": "random-RGB fill"}
 TARGETS = {"world_single_colour": ("one subject: its colour", 0.8), "world_single_shape": ("its shape", 0.6),
            "world_single_background": ("the asked background", 0.8),
            "world_pair_both_colours": ("two subjects: both colours", 0.6)}
@@ -106,8 +108,8 @@ def train_chain() -> dict[str, dict]:
     return jobs
 
 
-def stage3_versions() -> list[tuple[str, str, str]]:
-    """(version URI, `init` tag, removed_background) of every registered `kosmos-g`, newest first
+def stage3_versions() -> list[tuple[str, str, str, str]]:
+    """(version URI, `init` tag, removed_background, steps) of every registered `kosmos-g`, newest first
     (runs from before the option existed trained on white)."""
     from kosmos_g.platform import tracking
 
@@ -115,8 +117,8 @@ def stage3_versions() -> list[tuple[str, str, str]]:
     for version in tracking.client().search_model_versions("name = 'kosmos-g'"):
         params = tracking.client().get_run(version.run_id).data.params
         found.append((int(version.version), version.tags.get("init", ""),
-                      params.get("data.removed_background", "white")))
-    return [(f"models:/kosmos-g/{n}", init, fill) for n, init, fill in sorted(found, reverse=True)]
+                      params.get("data.removed_background", "white"), params.get("train.steps", "?")))
+    return [(f"models:/kosmos-g/{n}", init, fill, steps) for n, init, fill, steps in sorted(found, reverse=True)]
 
 
 def models_to_evaluate(jobs: dict[str, dict]) -> dict[str, str]:
@@ -126,16 +128,19 @@ def models_to_evaluate(jobs: dict[str, dict]) -> dict[str, str]:
 
     preset_fill = stage_presets(3).get("mini").data.removed_background
     versions = stage3_versions()
-    full = next(((uri, init) for uri, init, fill in versions if fill == preset_fill), None)
+    full = next(((uri, init) for uri, init, fill, _ in versions if fill == preset_fill), None)
     if full is None:
         raise SystemExit("no registered kosmos-g trained as `instruct.py --preset mini` does: run the chain first")
     full_uri, started_from = full
     if not started_from.startswith("models:/kosmos-g-align/"):
         raise SystemExit(f"{full_uri} did not start from a registered stage-2 model (init: {started_from!r})")
     models = {"full": full_uri}
-    white = next((uri for uri, init, fill in versions if fill == "white" and init == started_from), None)
-    if white:
-        models["white fill (as released)"] = white
+    # Stage 3 from the same start with other fills: white (the chain's ablation), and any other
+    # registered (the uniformly random fill tried on 2026-12-01).
+    for other in ("white", "random"):
+        found = next(((uri, steps) for uri, init, fill, steps in versions if fill == other and init == started_from), None)
+        if found and other != preset_fill:
+            models[f"{FILL_LABELS[other]}, {found[1]} steps"] = found[0]
     models["stage 2 only"] = started_from
     ablation = jobs.get("align_no_encoder", {}).get("run_id") or _last_run("align", ABLATION_NAME)
     if ablation:

@@ -68,9 +68,11 @@ class DataConfig:
     drop_entity_text_p: float = 0.5  # stage 3: the entity's words go, its image stays
     keep_background_p: float = 0.5  # compositional: crop with background vs. background removed
     # What stands where the background was removed: "white" (the construction's fill, as
-    # released) or "random" (a uniformly random colour per crop, so that an entity image's
-    # background never tells the entity's colour: the miniature world's shortcut, docs/REPRODUCTION.md).
+    # released), "random" (a uniformly random colour per crop) or "colours" (one of
+    # `fill_colours` per crop, never the entity's own), so that an entity image's background
+    # never tells the entity's colour: the miniature world's shortcut, docs/REPRODUCTION.md.
     removed_background: str = "white"
+    fill_colours: tuple[tuple[int, int, int], ...] = ()
     drop_input_caption_p: float = 0.5  # stage 3 editing: drop the input image's caption
     stage1_text_only_p: float = 0.5  # stage 1 captions: text alone vs. "<image> caption"
     # Stage 1: pack examples into rows of up to this many tokens (0 = one example per row;

@@ -30,6 +30,7 @@ from kosmos_g.platform.data.skips import SkipRecord, SkipRecorder
 from kosmos_g.platform.weights import localize
 
 SOURCE_IDS = {"compositional": 0, "editing": 1, "captions": 2}
+FILL_MARGIN = 48  # a fill colour closer than this (per channel) to the entity's would hide it
 
 OUTPUT_SCHEMA = pa.schema([
     ("source", pa.string()),
@@ -158,10 +159,21 @@ class Preprocessor:
         if entity.get(chosen) is None:
             chosen = other
         image = self._clip_image(entity.get(chosen))
-        if chosen == "crop_nobg" and self.data.removed_background == "random" and entity.get("crop") is not None:
-            colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
-            image = imaging.refill_background(self._clip_image(entity["crop"]), image, colour)
+        if chosen == "crop_nobg" and self.data.removed_background != "white" and entity.get("crop") is not None:
+            removed = imaging.removed_pixels(self._clip_image(entity["crop"]), image)
+            image = imaging.refill_background(image, removed, self._fill_colour(image, removed, rng))
         return image
+
+    def _fill_colour(self, crop_nobg: Any, removed: np.ndarray, rng: np.random.Generator) -> tuple[int, ...]:
+        """"random": any colour; "colours": one of `fill_colours` unlike the entity's own (its
+        median kept pixel), so the entity never vanishes into its new background."""
+        if self.data.removed_background == "random":
+            return tuple(int(c) for c in rng.integers(0, 256, size=3))
+        kept = np.asarray(crop_nobg.convert("RGB")).reshape(-1, 3)[~removed.reshape(-1)]
+        entity = np.median(kept, axis=0) if len(kept) else np.full(3, -1000.0)
+        unlike = [c for c in self.data.fill_colours if np.abs(np.asarray(c) - entity).max() > FILL_MARGIN]
+        choices = unlike or list(self.data.fill_colours)
+        return tuple(int(v) for v in choices[int(rng.integers(len(choices)))])
 
     def _check_caption_lengths(self, caption: str) -> None:
         if len(self.tokenizer.text.encode(caption)) > self.data.stage2_max_text_tokens:

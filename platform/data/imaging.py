@@ -119,17 +119,19 @@ def entity_crops(image: Image.Image, mask: np.ndarray, crop_size: int, fill: int
     return crops[0], crops[1], box
 
 
-def refill_background(crop: Image.Image, crop_nobg: Image.Image, colour: tuple[int, int, int],
-                      tolerance: int = 24) -> Image.Image:
-    """The background-removed crop with its removed background painted `colour`.
-
-    The removed pixels are those where the two variants of `entity_crops` differ by more
-    than `tolerance` in some channel (the background there was replaced by the fill; the
-    tolerance absorbs JPEG noise); where they agree (the entity, padding past the image
-    edge, a background already of the fill colour) pixels are kept."""
+def removed_pixels(crop: Image.Image, crop_nobg: Image.Image, tolerance: int = 24) -> np.ndarray:
+    """(h, w, 1) bool: where the background of `entity_crops`' second variant was removed, i.e.
+    where the two variants differ by more than `tolerance` in some channel (which absorbs JPEG
+    noise). Where they agree (the entity, padding past the image edge, a background already of
+    the fill colour) nothing was removed."""
     with_bg, without_bg = np.asarray(crop.convert("RGB")), np.asarray(crop_nobg.convert("RGB"))
     if with_bg.shape != without_bg.shape:
         raise ValueError(f"crop variants differ in size: {with_bg.shape} vs {without_bg.shape}")
     difference = np.abs(with_bg.astype(np.int16) - without_bg.astype(np.int16))
-    removed = (difference > tolerance).any(axis=-1, keepdims=True)
-    return Image.fromarray(np.where(removed, np.asarray(colour, np.uint8), without_bg).astype(np.uint8))
+    return (difference > tolerance).any(axis=-1, keepdims=True)
+
+
+def refill_background(crop_nobg: Image.Image, removed: np.ndarray, colour: tuple[int, int, int]) -> Image.Image:
+    """The background-removed crop with its `removed` pixels painted `colour`."""
+    pixels = np.asarray(crop_nobg.convert("RGB"))
+    return Image.fromarray(np.where(removed, np.asarray(colour, np.uint8), pixels).astype(np.uint8))

@@ -71,7 +71,7 @@ def registered_result(cfg: StageConfig, config_hash: str) -> StageResult | None:
 RESUMABLE = ("train.steps", "train.log_every", "train.checkpoint_every", "train.fail_at_step")
 
 
-def check_resumable(cfg: StageConfig, init_uri: str | None, resume_hash: str) -> None:
+def check_resumable(cfg: StageConfig, init_uri: str | None, resume_hash: str, config_hash: str) -> None:
     """Re-submitting a job name resumes its checkpoints (that is how a run gets more steps); a
     start or a config that changed since (a retrained previous stage, another data option) would
     be silently ignored, so refuse."""
@@ -83,7 +83,9 @@ def check_resumable(cfg: StageConfig, init_uri: str | None, resume_hash: str) ->
         raise ConfigError(f"job name {cfg.name!r} holds a run that started from {started}; this one starts from "
                           f"{init_uri or 'random'}, but would resume that run's checkpoints. Pass --set name=<new> "
                           "for a fresh run.")
-    if trained is not None and trained != resume_hash:
+    # A run from before resume_hash tags: only the same whole config is known to be safe.
+    if trained is not None and trained != resume_hash or (
+            trained is None and tags.get("config_hash") not in (None, config_hash)):
         raise ConfigError(f"job name {cfg.name!r} holds a run trained with another config (more than "
                           f"{', '.join(RESUMABLE)} differ), but this one would resume its checkpoints. "
                           "Pass --set name=<new> for a fresh run (`--print-config` shows the config).")
@@ -284,7 +286,7 @@ def run_stage(cfg: StageConfig, evaluator=None) -> StageResult:
     if reused:
         return reused
     resume_hash = fingerprint(cfg, NOT_DECIDING + RESUMABLE, init_uri=init_uri)
-    check_resumable(cfg, init_uri, resume_hash)
+    check_resumable(cfg, init_uri, resume_hash, config_hash)
     run_id, resumed = tracking.start_run(cfg.pipeline, cfg.name, cfg, tags={"stage": str(cfg.stage)})
     tags = {"config_hash": config_hash, "resume_hash": resume_hash, "init_uri": init_uri or "random"}
     for key, value in tags.items():

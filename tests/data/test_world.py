@@ -88,17 +88,18 @@ def test_a_removed_background_refilled_keeps_the_entity():
         for index, obj in enumerate(scene.objects):
             crop, crop_nobg, _ = imaging.entity_crops(image, scene.mask(index), world.SIZE)
             fill = next(c for c in world.COLOURS if c not in (obj.colour, scene.background, "white"))
-            refilled = imaging.refill_background(crop, crop_nobg, world.PALETTE[fill])
+            refilled = imaging.refill_background(crop_nobg, imaging.removed_pixels(crop, crop_nobg), world.PALETTE[fill])
             reading = read_scene(refilled)
             assert reading.background == fill
             assert (obj.colour, obj.shape) in [(o.colour, o.shape) for o in reading.objects]
 
 
-@pytest.mark.parametrize("removed_background", ["white", "random"])
+@pytest.mark.parametrize("removed_background", ["white", "random", "colours"])
 def test_stage3_entity_images_with_removed_backgrounds(removed_background):
     """Background-removed entity images (keep_background_p=0) show white around the entity
-    as released, or a random colour per crop with `removed_background=random`; the entity
-    keeps its colour either way. (A white background cannot be told from the white fill.)"""
+    as released, a random colour per crop with `removed_background=random`, or one of the
+    world's colours other than the entity's with `colours`; the entity keeps its colour. (A
+    white background cannot be told from the white fill.)"""
     import pyarrow as pa
 
     from kosmos_g.models.config import model_preset
@@ -108,7 +109,8 @@ def test_stage3_entity_images_with_removed_backgrounds(removed_background):
     scene_list = [scene for scene in world.scenes(5, 60) if len(scene.objects) == 1 and scene.background != "white"]
     rows = world.compositional_rows(scene_list)
     table = pa.Table.from_pylist([{**row, "source": "compositional", "draw": 0} for row in rows])
-    data = DataConfig(keep_background_p=0.0, removed_background=removed_background, fast_decode=False)
+    data = DataConfig(keep_background_p=0.0, removed_background=removed_background, fast_decode=False,
+                      fill_colours=tuple(world.PALETTE.values()))
     model = model_preset("tiny")
     size = model.mllm.vision.image_size
     examples = Preprocessor(3, data, model)(table).to_pylist()
@@ -125,5 +127,11 @@ def test_stage3_entity_images_with_removed_backgrounds(removed_background):
     white = [min(corner) >= 230 for corner in corners]
     if removed_background == "white":
         assert all(white), corners
-    else:
+    elif removed_background == "random":
         assert np.mean(white) < 0.1 and len(set(corners)) > 0.8 * len(corners)
+    else:
+        fills = [next((name for name, rgb in world.PALETTE.items() if np.abs(np.subtract(corner, rgb)).max() <= 40),
+                      None) for corner in corners]
+        assert np.mean([f is not None for f in fills]) > 0.9, corners  # a square's corner may blend
+        assert all(f != scene.objects[0].colour for f, scene in zip(fills, scene_list))
+        assert len(set(fills) - {None}) >= 6

@@ -43,10 +43,13 @@ def test_paper_stage3_drops_small_images():
 
 
 def test_removed_background_fill_is_checked_before_anything_runs(capsys):
-    assert stage_presets(3).get("mini").data.removed_background == "random"
+    mini = stage_presets(3).get("mini").data
+    assert mini.removed_background == "colours" and len(mini.fill_colours) == 8
     assert stage_presets(3).get("paper").data.removed_background == "white"  # as released
     assert main(3, ["--preset", "tiny", "--set", "data.removed_background=grey"]) == 2
-    assert "data.removed_background must be 'white' or 'random'" in capsys.readouterr().err
+    assert "data.removed_background must be 'white', 'random' or 'colours'" in capsys.readouterr().err
+    assert main(3, ["--preset", "tiny", "--set", "data.removed_background=colours"]) == 2
+    assert "needs data.fill_colours" in capsys.readouterr().err
 
 
 def test_stage2_ablation_builds_a_fresh_aligner_and_keeps_the_mllm(tmp_path):
