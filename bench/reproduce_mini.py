@@ -12,11 +12,8 @@ is already registered is reused by the job itself. One job at a time: the local 
 has 2 CPUs, and two Ray Data streams side by side can starve each other's read tasks. The models evaluated, on the same held-out cases and the same noise:
 
 - `full`: the stage-3 model (`kosmos-g`), and its text-only twin prompts (the subject never shown);
-- `white fill (as released)`: stage 3 again from the same start with `data.removed_background=white`
-  (background-removed entity images on white, as released, instead of the mini preset's world
-  colours); registered (so a second bench run reuses it) and trained before the full model's job,
-  so that `kosmos-g/latest`, what `kosmos-g serve` loads, stays the full model; any other
-  registered stage 3 from the same start with another fill (`random-RGB fill`) is evaluated too;
+- any registered stage 3 from the same start whose background-removed entity images were filled
+  otherwise (`--set data.removed_background=random|colours`; the preset's is white, as released);
 - `stage 2 only`: the `kosmos-g-align` version stage 3 started from;
 - `no encoder`: stage 2 again with `aligner.encoder_layers=0` (the paper's Table 2 ablation),
   not registered (so no later stage starts from it) and evaluated from its run.
@@ -30,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -42,8 +40,7 @@ DOC, FIGURE = ROOT / "docs" / "REPRODUCTION.md", ROOT / "docs" / "reproduce_mini
 BEGIN, END = "<!-- reproduce_mini:begin -->", "<!-- reproduce_mini:end -->"
 ABLATION_NAME = "align-mini-no-encoder"
 ABLATION = ["--set", "model.aligner.encoder_layers=0", "--set", f"name={ABLATION_NAME}", "--set", "register=false"]
-WHITE_FILL = ["--set", "data.removed_background=white", "--set", "name=instruct-mini-white-fill"]
-FILL_LABELS = {"white": "white fill (as released)", "random": "random-RGB fill"}
+FILL_LABELS = {"white": "white fill (as released)", "random": "random-RGB fill", "colours": "world-colour fill"}
 TARGETS = {"world_single_colour": ("one subject: its colour", 0.8), "world_single_shape": ("its shape", 0.6),
            "world_single_background": ("the asked background", 0.8),
            "world_pair_both_colours": ("two subjects: both colours", 0.6)}
@@ -102,7 +99,6 @@ def train_chain() -> dict[str, dict]:
     jobs = {}
     for step in ("mini_clip", "mini_decoder", "construct", "pretrain", "align"):
         jobs[step] = submit(step, f"pipelines/{step}.py", ["--preset", "world" if step == "construct" else "mini"])
-    jobs["instruct_white_fill"] = submit("instruct_white_fill", "pipelines/instruct.py", ["--preset", "mini", *WHITE_FILL])
     jobs["instruct"] = submit("instruct", "pipelines/instruct.py", ["--preset", "mini"])
     jobs["align_no_encoder"] = submit("align_no_encoder", "pipelines/align.py", ["--preset", "mini", *ABLATION])
     return jobs
@@ -135,9 +131,9 @@ def models_to_evaluate(jobs: dict[str, dict]) -> dict[str, str]:
     if not started_from.startswith("models:/kosmos-g-align/"):
         raise SystemExit(f"{full_uri} did not start from a registered stage-2 model (init: {started_from!r})")
     models = {"full": full_uri}
-    # Stage 3 from the same start with other fills: white (the chain's ablation), and any other
-    # registered (the uniformly random fill tried on 2026-12-01).
-    for other in ("white", "random"):
+    # Stage 3 from the same start with the other fills of background-removed entity images, when
+    # registered (tried on 2026-12-01 with `--set data.removed_background=…`).
+    for other in FILL_LABELS:
         found = next(((uri, steps) for uri, init, fill, steps in versions if fill == other and init == started_from), None)
         if found and other != preset_fill:
             models[f"{FILL_LABELS[other]}, {found[1]} steps"] = found[0]
@@ -249,7 +245,7 @@ def log_to_mlflow(text: str, results: dict[str, dict]) -> str:
 
     run_id, _ = tracking.start_run("bench", f"reproduce-mini-{time.strftime('%Y%m%d-%H%M%S')}")
     for label, metrics in results.items():
-        prefix = label.replace(" ", "_")
+        prefix = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")  # MLflow's metric-name alphabet
         tracking.log_metrics(run_id, {f"{prefix}.{k}": v for k, v in metrics.items()
                                       if isinstance(v, float) and k.startswith("world_")}, 0)
     tracking.log_text(run_id, text, "reproduce_mini.md")
