@@ -118,8 +118,8 @@ def stage3_versions() -> list[tuple[str, str, str, str]]:
 
 
 def models_to_evaluate(jobs: dict[str, dict]) -> dict[str, str]:
-    """full: the newest `kosmos-g` trained as the mini preset does (random fill), white fill: the
-    newest from the same start on white; stage 2 only: that start (the versions' `init` tag)."""
+    """full: the newest `kosmos-g` trained with the mini preset's fill; for each other fill, the
+    newest from the same start; stage 2 only: that start (the versions' `init` tag)."""
     from kosmos_g.platform.train.config import stage_presets
 
     preset_fill = stage_presets(3).get("mini").data.removed_background
@@ -133,9 +133,10 @@ def models_to_evaluate(jobs: dict[str, dict]) -> dict[str, str]:
     models = {"full": full_uri}
     # Stage 3 from the same start with the other fills of background-removed entity images, when
     # registered (tried on 2026-12-01 with `--set data.removed_background=…`).
-    for other in FILL_LABELS:
-        found = next(((uri, steps) for uri, init, fill, steps in versions if fill == other and init == started_from), None)
-        if found and other != preset_fill:
+    for other in (fill for fill in FILL_LABELS if fill != preset_fill):
+        found = next(((uri, steps) for uri, init, fill, steps in versions if fill == other and init == started_from),
+                     None)
+        if found:
             models[f"{FILL_LABELS[other]}, {found[1]} steps"] = found[0]
     models["stage 2 only"] = started_from
     ablation = jobs.get("align_no_encoder", {}).get("run_id") or _last_run("align", ABLATION_NAME)

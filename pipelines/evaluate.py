@@ -18,7 +18,8 @@ reference → generated pairs as `dreambench/samples.png`.
 combinations (platform/evaluation/world.py): the world scorer reads colour, shape and background
 from the generated pixels (identity and background accuracy) and the mini CLIP gives CLIP-I /
 CLIP-T. Images go under `<out>/<model name>-<version>` (default out: eval/<name>) so evaluating
-another model never reuses them, subject images under `<out>/subjects`, shared by the models; MLflow gets `world_<kind>_<metric>` metrics, `world/scores.csv` and `world/samples.png`.
+another model never reuses them, subject images under `<out>/subjects`, shared by the models;
+MLflow gets `world_<kind>_<metric>` metrics, `world/scores.csv` and `world/samples.png`.
 """
 
 from __future__ import annotations

@@ -69,8 +69,8 @@ class DataConfig:
     keep_background_p: float = 0.5  # compositional: crop with background vs. background removed
     # What stands where the background was removed: "white" (the construction's fill, as
     # released), "random" (a uniformly random colour per crop) or "colours" (one of
-    # `fill_colours` per crop, never the entity's own), so that an entity image's background
-    # never tells the entity's colour: the miniature world's shortcut, docs/REPRODUCTION.md.
+    # `fill_colours` per crop, never the entity's own). Tried against a suspected shortcut in the
+    # miniature world; neither beat white there (docs/REPRODUCTION.md).
     removed_background: str = "white"
     fill_colours: tuple[tuple[int, int, int], ...] = ()
     drop_input_caption_p: float = 0.5  # stage 3 editing: drop the input image's caption

@@ -83,9 +83,11 @@ def check_resumable(cfg: StageConfig, init_uri: str | None, resume_hash: str, co
         raise ConfigError(f"job name {cfg.name!r} holds a run that started from {started}; this one starts from "
                           f"{init_uri or 'random'}, but would resume that run's checkpoints. Pass --set name=<new> "
                           "for a fresh run.")
-    # A run from before resume_hash tags: only the same whole config is known to be safe.
-    if trained is not None and trained != resume_hash or (
-            trained is None and tags.get("config_hash") not in (None, config_hash)):
+    if trained is not None:
+        changed = trained != resume_hash
+    else:  # a run from before resume_hash tags: only its exact config is known to be safe
+        changed = tags.get("config_hash") not in (None, config_hash)
+    if changed:
         raise ConfigError(f"job name {cfg.name!r} holds a run trained with another config (more than "
                           f"{', '.join(RESUMABLE)} differ), but this one would resume its checkpoints. "
                           "Pass --set name=<new> for a fresh run (`--print-config` shows the config).")
