@@ -164,6 +164,26 @@ def compositional_rows(scene_list: list[Scene], prefix: str = "world", crop_size
     return rows
 
 
+def clip_rows(scene_list: list[Scene], prefix: str = "world") -> list[dict]:
+    """Caption-shard rows of the mini CLIP's image-text pairs: each scene, followed by a close-up
+    of each of its objects (its entity crop, background kept, as a subject image shows it)
+    captioned "a red circle on a blue background". Real CLIP saw close-ups as well as scenes; one
+    trained on whole scenes alone cannot tell, in a crop, which colour is the object's
+    (docs/REPRODUCTION.md). Close-ups follow their scene, so a block-order shuffle still mixes them."""
+    from kosmos_g.platform.data import imaging
+
+    rows = []
+    for scene, row in zip(scene_list, caption_rows(scene_list, prefix)):
+        rows.append(row)
+        image = scene.render()
+        for index, obj in enumerate(scene.objects):
+            crop, _, _ = imaging.entity_crops(image, scene.mask(index), SIZE)
+            rows.append({"key": f"{row['key']}-closeup-{index}",
+                         "caption": f"a {obj.phrase} on a {scene.background} background",
+                         "image": imaging.encode_image(crop, "PNG"), "width": SIZE, "height": SIZE})
+    return rows
+
+
 def image_name(index: int) -> str:
     return f"world-{index:07d}.png"
 
@@ -184,29 +204,44 @@ def write_world_images(prefix: str, scene_list: list[Scene]) -> None:
 
 
 def write_world_shards(prefix: str, seed: int = 0, count: int = 10_000, rows_per_shard: int = 2_000) -> dict[str, str]:
-    """Training data of the world (held-out pairs excluded) under `prefix`: caption shards, and
-    the scenes as images for the construction pipeline, which makes the compositional shards
-    (`pipelines/construct.py --preset world`); returns {"captions": ..., "images": ...}."""
+    """Training data of the world (held-out pairs excluded) under `prefix`: caption shards, the
+    scenes as images for the construction pipeline, which makes the compositional shards
+    (`pipelines/construct.py --preset world`), and the mini CLIP's pairs (scenes and close-ups);
+    returns {"captions": ..., "images": ..., "clip": ...}."""
     from kosmos_g.platform import storage
-    from kosmos_g.platform.data import shards
 
     storage.ensure_bucket(prefix)
     scene_list = scenes(seed, count, "train")
-    prefixes = {"captions": storage.join(prefix, "captions"), "images": storage.join(prefix, "images")}
-    shards.write_rows(prefixes["captions"], "captions", caption_rows(scene_list), rows_per_shard=rows_per_shard,
-                      producer="kosmos_g.platform.data.world", total=len(scene_list))
+    prefixes = {part: storage.join(prefix, part) for part in ("captions", "images", "clip")}
+    _write_captions(prefixes["captions"], caption_rows(scene_list), rows_per_shard)
     write_world_images(prefixes["images"], scene_list)
+    _write_captions(prefixes["clip"], clip_rows(scene_list), rows_per_shard)
     return prefixes
 
 
+def _write_captions(prefix: str, rows: list[dict], rows_per_shard: int) -> None:
+    from kosmos_g.platform.data import shards
+
+    shards.write_rows(prefix, "captions", rows, rows_per_shard=rows_per_shard,
+                      producer="kosmos_g.platform.data.world", total=len(rows))
+
+
 def ensure_world_shards(root: str, count: int = TRAINING_SCENES, seed: int = 0) -> bool:
-    """Write the world's caption shards and images under `root` unless they are there; True when written."""
+    """Write the world's caption shards, images and CLIP pairs under `root` unless they are there
+    (a part missing from an older world is added alone); True when something was written."""
     from kosmos_g.platform import storage
     from kosmos_g.platform.data import shards
 
-    if (storage.exists(storage.join(root, "captions", shards.MANIFEST))
-            and storage.exists(storage.join(root, "images", image_name(count - 1)))):
+    scenes_there = (storage.exists(storage.join(root, "captions", shards.MANIFEST))
+                    and storage.exists(storage.join(root, "images", image_name(count - 1))))
+    clip_there = storage.exists(storage.join(root, "clip", shards.MANIFEST))
+    if scenes_there and clip_there:
         return False
-    print(f"[world] writing the miniature world's caption shards and images ({count} scenes) to {root}", flush=True)
+    if scenes_there:
+        print(f"[world] writing the mini CLIP's scenes and close-ups ({count} scenes) to {root}/clip", flush=True)
+        _write_captions(storage.join(root, "clip"), clip_rows(scenes(seed, count, "train")), 2_000)
+        return True
+    print(f"[world] writing the miniature world's caption shards, images and CLIP pairs ({count} scenes) "
+          f"to {root}", flush=True)
     write_world_shards(root, seed=seed, count=count)
     return True

@@ -23,19 +23,19 @@ from kosmos_g.platform.stack import cluster
 from kosmos_g.platform.train.backbones import (BackboneConfig, ClipTask, UnetTask, VaeTask, backbone_dataset,
                                                to_tensors)
 from kosmos_g.platform.train.config import OptimConfig, TrainConfig, world_root
-from kosmos_g.platform.train.job import checkpoint_uri, run_trainer
+from kosmos_g.platform.train.job import RESUMABLE, check_resumable, checkpoint_uri, run_trainer
 from kosmos_g.platform.train.loop import BUNDLE_DIR
 
 
 
-def world_captions() -> str:
-    return f"{world_root()}/captions"
+def world_captions(part: str = "captions") -> str:
+    """The world's scene captions (the decoder's data), or its `clip` pairs (scenes and close-ups)."""
+    return f"{world_root()}/{part}"
 
 
-def _data(samples_per_epoch: int) -> DataConfig:
+def _data(captions: str) -> DataConfig:
     # Preprocessing and reads share the second core with nothing else: one worker, small reservations.
-    return DataConfig(captions=world_captions(), num_cpus=0.25, workers=1, samples_per_epoch=samples_per_epoch,
-                      shuffle="blocks")
+    return DataConfig(captions=captions, num_cpus=0.25, workers=1, samples_per_epoch=0, shuffle="blocks")
 
 
 def _train(steps: int, batch: int, checkpoint_every: int) -> TrainConfig:
@@ -48,11 +48,11 @@ def _train(steps: int, batch: int, checkpoint_every: int) -> TrainConfig:
 
 def _mini(kind: str) -> BackboneConfig:
     if kind == "clip":
-        return BackboneConfig(kind="clip", name="mini-clip", data=_data(0),
+        return BackboneConfig(kind="clip", name="mini-clip", data=_data(world_captions("clip")),
                               optim=OptimConfig(lr=5e-4, warmup_steps=50), train=_train(600, 64, 200))
     # 800 VAE + 1,000 U-Net steps (≈ 30-40 min here) keep the whole chain inside its 90-minute budget;
     # docs/REPRODUCTION.md has what these steps draw (colours and backgrounds yes, shapes not yet).
-    return BackboneConfig(kind="decoder", name="mini-decoder", vae_steps=800, data=_data(0),
+    return BackboneConfig(kind="decoder", name="mini-decoder", vae_steps=800, data=_data(world_captions()),
                           optim=OptimConfig(lr=1e-3, warmup_steps=50), train=_train(1000, 32, 500))
 
 
@@ -82,7 +82,7 @@ NOT_DECIDING = ("name", "storage_path", "register", "force", "train.cpus_per_wor
 def ensure_world(cfg: BackboneConfig) -> None:
     from kosmos_g.platform.data.world import ensure_world_shards
 
-    if cfg.data.captions == world_captions():
+    if cfg.data.captions in (world_captions(), world_captions("clip")):
         ensure_world_shards(world_root())
 
 
@@ -93,6 +93,14 @@ def resolve_clip(cfg: BackboneConfig) -> str:
         return tracking.pin_model_uri(uri)
     except ValueError as error:
         raise ValueError(f"{error}: run pipelines/mini_clip.py first (or --set clip_model=URI)") from None
+
+
+def pinned_fingerprint(cfg: BackboneConfig) -> str:
+    """What a registered version is tagged with. A decoder's names the CLIP version it is conditioned
+    on (`auto` pinned first), so a newer mini CLIP is not silently served an older decoder."""
+    if cfg.kind == "decoder":
+        cfg.clip_model = resolve_clip(cfg)
+    return fingerprint(cfg, NOT_DECIDING)
 
 
 def _fit(cfg: BackboneConfig, task, pixels: str, image_size: int, run_id: str):
@@ -116,18 +124,32 @@ def train_decoder(cfg: BackboneConfig, run_id: str):
     return _fit(cfg, UnetTask(vae_uri, clip_uri), "vae", cfg.decoder.image_size, run_id)
 
 
+def log_binding(cfg: BackboneConfig, run_id: str, clip_dir: str) -> None:
+    """The trained CLIP's zero-shot colour binding on scenes and close-ups, logged to its run."""
+    from kosmos_g.platform.evaluation.clip_binding import clip_binding
+
+    binding = clip_binding(clip_dir)
+    tracking.log_metrics(run_id, binding, cfg.train.steps)
+    print(f"[{cfg.pipeline}] zero-shot colour binding (own caption beats the colour-swapped one): "
+          + ", ".join(f"{name.removeprefix('binding_')} {value:.2f}" for name, value in binding.items()), flush=True)
+
+
 def run_backbone(cfg: BackboneConfig) -> str | None:
     """Train (or reuse) and register one backbone; returns "name/version" when registered."""
     cfg.validate()
     cluster.connect()
-    config_hash = fingerprint(cfg, NOT_DECIDING)
+    config_hash = pinned_fingerprint(cfg)
     existing = None if cfg.force else tracking.version_tagged(cfg.registered_name, "config_hash", config_hash)
     if existing:
         print(f"[{cfg.pipeline}] {cfg.registered_name}/{existing} was trained with this config: reused "
               "(--set force=true trains again)", flush=True)
         return f"{cfg.registered_name}/{existing}"
+    resume_hash = fingerprint(cfg, NOT_DECIDING + RESUMABLE)
+    check_resumable(cfg, None, resume_hash, config_hash)  # the job name's checkpoints must be this config's
     ensure_world(cfg)
-    run_id, _ = tracking.start_run(cfg.pipeline, cfg.name, cfg, tags={"config_hash": config_hash})
+    run_id, _ = tracking.start_run(cfg.pipeline, cfg.name, cfg)
+    for key, value in {"config_hash": config_hash, "resume_hash": resume_hash}.items():
+        tracking.client().set_tag(run_id, key, value)  # a continued run (more steps) trains this config now
     try:
         if cfg.kind == "clip":
             result = _fit(cfg, ClipTask(), "clip", cfg.clip.image_size, run_id)
@@ -135,6 +157,8 @@ def run_backbone(cfg: BackboneConfig) -> str | None:
             result = train_decoder(cfg, run_id)
         with result.checkpoint.as_directory() as directory:
             tracking.log_dir(run_id, f"{directory}/{BUNDLE_DIR}", "model")
+            if cfg.kind == "clip":
+                log_binding(cfg, run_id, f"{directory}/{BUNDLE_DIR}")
         registered = None
         if cfg.register:
             version = tracking.register_model(

@@ -71,10 +71,10 @@ def registered_result(cfg: StageConfig, config_hash: str) -> StageResult | None:
 RESUMABLE = ("train.steps", "train.log_every", "train.checkpoint_every", "train.fail_at_step")
 
 
-def check_resumable(cfg: StageConfig, init_uri: str | None, resume_hash: str, config_hash: str) -> None:
+def check_resumable(cfg, init_uri: str | None, resume_hash: str, config_hash: str) -> None:
     """Re-submitting a job name resumes its checkpoints (that is how a run gets more steps); a
     start or a config that changed since (a retrained previous stage, another data option) would
-    be silently ignored, so refuse."""
+    be silently ignored, so refuse. `cfg`: a StageConfig or a BackboneConfig (its pipeline and name)."""
     experiment = tracking.client().get_experiment_by_name(tracking.experiment_name(cfg.pipeline))
     run_id = tracking.find_run(experiment.experiment_id, cfg.name) if experiment else None
     tags = tracking.client().get_run(run_id).data.tags if run_id else {}

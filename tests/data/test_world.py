@@ -69,6 +69,15 @@ def test_shards_hold_captions_and_scene_images(s3_prefix):
     images = sorted(u for u in storage.list_uris(prefixes["images"]) if u.endswith(".png"))
     assert [u.rsplit("/", 1)[1] for u in images] == [world.image_name(i) for i in range(40)]
     assert decode_image(storage.read_bytes(images[7])).tobytes() == scenes[7].render().tobytes()
+    # The mini CLIP's pairs: every scene, then a close-up of each of its objects, captioned alone.
+    pairs = shards.read_table(prefixes["clip"]).to_pylist()
+    assert len(pairs) == 40 + sum(len(scene.objects) for scene in scenes)
+    first_scene = scenes[0]
+    assert [row["caption"] for row in pairs[:1 + len(first_scene.objects)]] == [first_scene.caption] + [
+        f"a {o.phrase} on a {first_scene.background} background" for o in first_scene.objects]
+    closeup = decode_image(pairs[1]["image"])
+    assert closeup.size == (world.SIZE, world.SIZE)
+    assert read_scene(closeup).objects[0].colour == first_scene.objects[0].colour
     # Ground-truth compositional rows (what construction must reproduce): exact entity spans.
     for row, scene in zip(world.compositional_rows(scenes[:10]), scenes):
         assert row["caption"] == scene.caption

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -120,3 +121,40 @@ def test_world_job_records_scores_per_model(s3_prefix, tmp_path, clip_dir):
     assert all(r["background"] in ("0.0", "1.0") for r in scored)
     grid = tracking.client().download_artifacts(run.info.run_id, "world/samples.png", str(tmp_path))
     assert Image.open(grid).size[1] == 8 * (128 + 34)  # every case of this small run drawn
+
+
+def _palette_reader(swap: bool):
+    """Similarity of a reader that takes the background as the border's commonest palette colour
+    (nearest) and the object as the commonest other one inside: 1 when the caption says both."""
+    names, rgb = list(world.PALETTE), np.array(list(world.PALETTE.values()), dtype=np.float32)
+
+    def similarity(images, captions):
+        scores = []
+        for image, caption in zip(images, captions):
+            pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+            nearest = np.linalg.norm(pixels[..., None, :] - rgb, axis=-1).argmin(-1)
+            border = np.concatenate([nearest[0], nearest[-1], nearest[:, 0], nearest[:, -1]])
+            background = int(np.bincount(border, minlength=len(names)).argmax())
+            inside = np.bincount(nearest.ravel(), minlength=len(names))
+            inside[background] = 0
+            colour, background = names[int(inside.argmax())], names[background]
+            if swap:
+                colour, background = background, colour
+            words = caption.split()
+            scores.append(float(words[1] == colour and words[-2] == background))
+        return scores
+
+    return similarity
+
+
+def test_clip_binding_check_scores_a_reader_that_binds_and_one_that_swaps():
+    """The zero-shot binding check against two readers of known behaviour: one that reads the
+    object's and the background's colours off the pixels (always right: 1.0) and the same reader
+    with the two swapped (always wrong: 0.0). A CLIP at chance scores 0.5."""
+    from kosmos_g.platform.evaluation.clip_binding import SETS, binding_accuracy, binding_cases
+
+    cases = binding_cases(count=40, seed=3)
+    assert {name: len(found) for name, found in cases.items()} == {name: 40 for name in SETS}
+    assert all(own != swapped for found in cases.values() for _, own, swapped in found)
+    assert binding_accuracy(_palette_reader(swap=False), count=40, seed=3) == {f"binding_{n}": 1.0 for n in SETS}
+    assert binding_accuracy(_palette_reader(swap=True), count=40, seed=3) == {f"binding_{n}": 0.0 for n in SETS}

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from kosmos_g.platform import tracking
-from kosmos_g.platform.train.backbone_job import backbone_presets, run_backbone
+from kosmos_g.platform.config import fingerprint
+from kosmos_g.platform.train.backbone_job import NOT_DECIDING, backbone_presets, pinned_fingerprint, run_backbone
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -40,16 +41,17 @@ def world_prefix(stack_env):
     return prefix
 
 
-def _common(world_prefix: str) -> list[str]:
-    return [f"data.captions={world_prefix}/world/captions", f"storage_path={world_prefix}/ray-train"]
+def _common(world_prefix: str, captions: str) -> list[str]:
+    return [f"data.captions={world_prefix}/world/{captions}", f"storage_path={world_prefix}/ray-train"]
 
 
 def _clip_config(world_prefix: str):
-    return backbone_presets("clip").get("tiny", _common(world_prefix) + ["train.steps=24", "name=mini-clip-test"])
+    return backbone_presets("clip").get("tiny", _common(world_prefix, "clip") + ["train.steps=24",
+                                                                                 "name=mini-clip-test"])
 
 
 def _decoder_config(world_prefix: str, clip: str):
-    return backbone_presets("decoder").get("tiny", _common(world_prefix) + [
+    return backbone_presets("decoder").get("tiny", _common(world_prefix, "captions") + [
         f"clip_model=models:/{clip}", "train.steps=24", "vae_steps=16", "name=mini-decoder-test"])
 
 
@@ -66,8 +68,19 @@ def test_mini_clip_then_mini_decoder(world_prefix):
     assert CLIPModel.from_pretrained(clip_dir).config.text_config.hidden_size == 32
     assert CLIPVisionModel.from_pretrained(clip_dir).config.image_size == 32  # the MLLM's vision path
     assert (clip_dir / "tokenizer.json").is_file()  # the CLIP tokenizer travels with it
+    binding = tracking.client().get_run(_run_of(clip)).data.metrics  # the zero-shot check ran on it
+    for name in ("binding_scenes", "binding_closeups", "binding_closeups_white"):
+        assert 0.0 <= binding[name] <= 1.0, (name, binding)
 
     assert run_backbone(clip_cfg) == clip  # same config: the registered version is reused
+    # A decoder's fingerprint names the CLIP version it is conditioned on, not "the latest".
+    latest = _decoder_config(world_prefix, clip)
+    latest.clip_model = "auto"
+    assert pinned_fingerprint(latest) == pinned_fingerprint(_decoder_config(world_prefix, clip))
+    assert latest.clip_model == tracking.pin_model_uri("models:/kosmos-g-mini-clip/latest")
+    other = _decoder_config(world_prefix, clip)
+    other.clip_model = "models:/kosmos-g-mini-clip/999"
+    assert fingerprint(other, NOT_DECIDING) != pinned_fingerprint(latest)
 
     decoder = run_backbone(_decoder_config(world_prefix, clip))
     assert decoder and decoder.startswith("kosmos-g-mini-decoder/")
