@@ -39,7 +39,7 @@ RESULTS = ROOT / "bench" / "results" / "reproduce_mini"
 DOC, FIGURE = ROOT / "docs" / "REPRODUCTION.md", ROOT / "docs" / "reproduce_mini.png"
 BEGIN, END = "<!-- reproduce_mini:begin -->", "<!-- reproduce_mini:end -->"
 ABLATION_NAME = "align-mini-no-encoder"
-ABLATION = ["--set", "model.aligner.encoder_layers=0", "--set", f"name={ABLATION_NAME}", "--set", "register=false"]
+ABLATION = ["--set", "model.aligner.encoder_layers=0", "--set", "register=false"]
 FILL_LABELS = {"white": "white fill (as released)", "random": "random-RGB fill", "colours": "world-colour fill"}
 TARGETS = {"world_single_colour": ("one subject: its colour", 0.8), "world_single_shape": ("its shape", 0.6),
            "world_single_background": ("the asked background", 0.8),
@@ -100,21 +100,23 @@ def train_chain() -> dict[str, dict]:
     for step in ("mini_clip", "mini_decoder", "construct", "pretrain", "align"):
         jobs[step] = submit(step, f"pipelines/{step}.py", ["--preset", "world" if step == "construct" else "mini"])
     jobs["instruct"] = submit("instruct", "pipelines/instruct.py", ["--preset", "mini"])
-    jobs["align_no_encoder"] = submit("align_no_encoder", "pipelines/align.py", ["--preset", "mini", *ABLATION])
+    jobs["align_no_encoder"] = submit("align_no_encoder", "pipelines/align.py",
+                                      ["--preset", "mini", *ABLATION, "--set", f"name={ablation_name()}"])
     return jobs
 
 
-def stage3_versions() -> list[tuple[str, str, str, str]]:
-    """(version URI, `init` tag, removed_background, steps) of every registered `kosmos-g`, newest first
-    (runs from before the option existed trained on white)."""
+def stage3_versions() -> list[tuple[str, str, str, str, str]]:
+    """(version URI, `init` tag, removed_background, steps, mini CLIP) of every registered `kosmos-g`,
+    newest first (runs from before the fill option existed trained on white)."""
     from kosmos_g.platform import tracking
 
     found = []
     for version in tracking.client().search_model_versions("name = 'kosmos-g'"):
         params = tracking.client().get_run(version.run_id).data.params
         found.append((int(version.version), version.tags.get("init", ""),
-                      params.get("data.removed_background", "white"), params.get("train.steps", "?")))
-    return [(f"models:/kosmos-g/{n}", init, fill, steps) for n, init, fill, steps in sorted(found, reverse=True)]
+                      params.get("data.removed_background", "white"), params.get("train.steps", "?"),
+                      params.get("model.mllm.vision.pretrained_path", "")))
+    return [(f"models:/kosmos-g/{n}", *rest) for n, *rest in sorted(found, reverse=True)]
 
 
 def models_to_evaluate(jobs: dict[str, dict]) -> dict[str, str]:
@@ -124,32 +126,58 @@ def models_to_evaluate(jobs: dict[str, dict]) -> dict[str, str]:
 
     preset_fill = stage_presets(3).get("mini").data.removed_background
     versions = stage3_versions()
-    full = next(((uri, init) for uri, init, fill, _ in versions if fill == preset_fill), None)
+    full = next(((uri, init, clip) for uri, init, fill, _, clip in versions if fill == preset_fill), None)
     if full is None:
         raise SystemExit("no registered kosmos-g trained as `instruct.py --preset mini` does: run the chain first")
-    full_uri, started_from = full
+    full_uri, started_from, full_clip = full
     if not started_from.startswith("models:/kosmos-g-align/"):
         raise SystemExit(f"{full_uri} did not start from a registered stage-2 model (init: {started_from!r})")
     models = {"full": full_uri}
     # Stage 3 from the same start with the other fills of background-removed entity images, when
     # registered (tried on 2026-12-01 with `--set data.removed_background=…`).
     for other in (fill for fill in FILL_LABELS if fill != preset_fill):
-        found = next(((uri, steps) for uri, init, fill, steps in versions if fill == other and init == started_from),
+        found = next(((uri, steps) for uri, init, fill, steps, _ in versions if fill == other and init == started_from),
                      None)
         if found:
             models[f"{FILL_LABELS[other]}, {found[1]} steps"] = found[0]
+    # The newest full model of each earlier mini CLIP (its vision tower), to show what the backbone changed.
+    earlier: dict[str, str] = {}
+    for uri, _, fill, _, clip in versions:
+        if fill == preset_fill and clip and clip != full_clip:
+            earlier.setdefault(clip, uri)
+    for clip, uri in earlier.items():
+        models[f"full on {clip.removeprefix('models:/')}"] = uri
     models["stage 2 only"] = started_from
-    ablation = jobs.get("align_no_encoder", {}).get("run_id") or _last_run("align", ABLATION_NAME)
+    ablation = jobs.get("align_no_encoder", {}).get("run_id") or ablation_run(started_from)
     if ablation:
         models["no encoder"] = f"runs:/{ablation}/model"
     return models
 
 
-def _last_run(pipeline: str, name: str) -> str | None:
+def ablation_name() -> str:
+    """The ablation's job name carries the stage-1 version it starts from (the newest), so a chain
+    rerun on another stage 1 trains a new run instead of being refused the old one's checkpoints."""
     from kosmos_g.platform import tracking
 
-    experiment = tracking.client().get_experiment_by_name(tracking.experiment_name(pipeline))
-    return tracking.find_run(experiment.experiment_id, name) if experiment else None
+    start = tracking.pin_model_uri("models:/kosmos-g-pretrain/latest")
+    return f"{ABLATION_NAME}-pretrain-{start.rsplit('/', 1)[1]}"
+
+
+def ablation_run(stage2_uri: str) -> str | None:
+    """The newest finished no-encoder stage 2 that started where `stage2_uri` (a registered
+    kosmos-g-align version) started, so that it compares like with like; None when there is none."""
+    from kosmos_g.platform import tracking
+
+    client = tracking.client()
+    name, version = stage2_uri.removeprefix("models:/").split("/")
+    start = client.get_run(client.get_model_version(name, version).run_id).data.tags.get("init_uri")
+    experiment = client.get_experiment_by_name(tracking.experiment_name("align"))
+    if not start or experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                              filter_string=f"params.`model.aligner.encoder_layers` = '0' and tags.init_uri = '{start}'"
+                                            " and attributes.status = 'FINISHED'")
+    return runs[0].info.run_id if runs else None
 
 
 def evaluate(models: dict[str, str], singles: int, pairs: int) -> dict[str, dict]:
