@@ -183,7 +183,7 @@ def ablation_run(stage2_uri: str) -> str | None:
 def evaluate(models: dict[str, str], singles: int, pairs: int) -> dict[str, dict]:
     results = {}
     for label, uri in models.items():
-        step = "evaluate_" + label.replace(" ", "_")
+        step = "evaluate_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", label)  # a log file name: no "/" of a model URI
         results[label] = submit(step, "pipelines/evaluate.py", [
             "--preset", "world", "--model", uri, "--set", f"singles={singles}", "--set", f"pairs={pairs}"])
     return results
