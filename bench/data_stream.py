@@ -104,7 +104,8 @@ def first_batch_and_steady(data, model, samples: int, batch_size: int) -> tuple[
     from kosmos_g.platform.data.datastream import collate_fn, training_dataset
 
     started, first, half, count = time.perf_counter(), None, None, 0
-    batches = training_dataset(1, data, model).iter_torch_batches(batch_size=batch_size, collate_fn=collate_fn(1, model))
+    batches = iter(training_dataset(1, data, model).iter_torch_batches(batch_size=batch_size,
+                                                                        collate_fn=collate_fn(1, model)))
     for batch in batches:
         count += batch["input_ids"].shape[0]
         first = first or time.perf_counter()
