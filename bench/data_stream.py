@@ -3,6 +3,7 @@
     eval "$(kosmos-g local env)"
     python bench/data_stream.py --samples 2000            # sample shards written to the stack
     python bench/data_stream.py --shards s3://bucket/shards --stage 3 --model paper
+    python bench/data_stream.py --scaling 1000,10000,100000   # time to first batch vs. dataset size
 
 Both sides do the same work on the same shards: fetch the Parquet files, resample the
 sources to the blend, shuffle, decode, augment, tokenise, resize (224 px CLIP / 512 px
@@ -10,6 +11,14 @@ VAE with `--model paper`) and collate model batches. The Ray side is
 `training_dataset(...).iter_torch_batches(collate_fn=...)`; the plain side downloads the
 files with boto3 and runs the same `Preprocessor` and `StreamCollator` in one process.
 Prints samples/s of each and their ratio, measured in one run.
+
+`--scaling` writes synthetic caption shard sets of each size once (the miniature world's
+64-pixel scenes, 2,000 rows per shard, cached in S3 under `bench/scaling-<n>`) and measures, per
+size, the stream's time to first batch over a natural epoch (every record once) and its steady
+samples/s over the second half of `--samples` examples (stage 1, tiny image sizes), against a
+single-process boto3 + PIL loop over the same shards (each shard fetched, decoded and
+preprocessed in turn). `--compare-global` adds the time to first batch of the whole-epoch
+shuffle (`shuffle="global"`) on the same natural epoch.
 """
 
 from __future__ import annotations
@@ -75,6 +84,96 @@ def plain_loop(stage: int, data, model, batch_size: int) -> tuple[int, float]:
     return count, time.perf_counter() - started
 
 
+def scaling_shards(root: str, records: int) -> str:
+    """A caption shard set of `records` world scenes under `root`, written on first use."""
+    from kosmos_g.platform import storage
+    from kosmos_g.platform.data import shards, world
+
+    prefix = storage.join(root, "bench", f"scaling-{records}", "captions")
+    if not storage.exists(storage.join(prefix, shards.MANIFEST)):
+        print(f"writing {records} records to {prefix} (once)", flush=True)
+        rows = (row for start in range(0, records, 1000)
+                for row in world.caption_rows(world.scenes(start, min(1000, records - start)), f"s{start}"))
+        shards.write_rows(prefix, "captions", rows, rows_per_shard=2000, total=records)
+    return prefix
+
+
+def first_batch_and_steady(data, model, samples: int, batch_size: int) -> tuple[float, float]:
+    """(seconds to the first batch, samples/s over the second half of `samples` examples: past
+    the first windows that were read ahead while the first batch was waited for)."""
+    from kosmos_g.platform.data.datastream import collate_fn, training_dataset
+
+    started, first, half, count = time.perf_counter(), None, None, 0
+    batches = iter(training_dataset(1, data, model).iter_torch_batches(batch_size=batch_size,
+                                                                        collate_fn=collate_fn(1, model)))
+    for batch in batches:
+        count += batch["input_ids"].shape[0]
+        first = first or time.perf_counter()
+        if half is None and count >= samples // 2:
+            half, half_count = time.perf_counter(), count
+        if count >= samples:
+            break
+    end = time.perf_counter()
+    batches.close()  # shuts the execution down now, so its actors do not hold CPUs the next run waits for
+    return first - started, (count - half_count) / max(end - half, 1e-9) if half else 0.0
+
+
+def plain_records_per_s(data, model, samples: int, batch_size: int) -> float:
+    """One process: boto3 fetch of each shard in turn (again from the first when all are used)
+    -> Preprocessor (PIL decode) -> collate; samples/s over `samples` examples."""
+    from kosmos_g.platform.data import datastream, shards
+    from kosmos_g.platform.data.examples import Preprocessor, StreamCollator
+
+    manifest = shards.read_manifest(data.captions)
+    preprocess, collate = Preprocessor(1, data, model), StreamCollator(1, model)
+    started, count = time.perf_counter(), 0
+    while True:
+        for uri in manifest.shard_uris(data.captions):
+            table = _boto3_table(uri, datastream.STAGE_COLUMNS[1]["captions"])
+            records = datastream.resample(table, "captions", manifest.count, manifest.count, data.seed)
+            for start in range(0, records.num_rows, batch_size):
+                rows = preprocess(records.slice(start, batch_size))
+                batch = collate({n: np.asarray(rows.column(n).to_pylist(), dtype=object) for n in rows.column_names})
+                count += batch["input_ids"].shape[0]
+                if count >= samples:
+                    return count / (time.perf_counter() - started)
+
+
+def scaling(sizes: list[int], samples: int, batch_size: int, workers: int, compare_global: bool) -> list[dict]:
+    from kosmos_g.models.config import model_preset
+    from kosmos_g.platform.data.datastream import DataConfig
+
+    root, model, rows = os.environ["KOSMOS_STORAGE_ROOT"], model_preset("tiny"), []
+    prefixes = {size: scaling_shards(root, size) for size in sizes}
+    # Every size streams the same number of examples (records repeated to it when fewer).
+    configs = {size: DataConfig(captions=prefix, workers=workers, num_cpus=0.5, samples_per_epoch=samples)
+               for size, prefix in prefixes.items()}
+    first_batch_and_steady(configs[sizes[0]], model, batch_size, batch_size)  # warm-up: Ray's workers start
+    for size in sizes:
+        data = configs[size]
+        _, steady = first_batch_and_steady(data, model, samples, batch_size)
+        row = {"records": size, "steady_samples_per_s": steady,
+               "plain_samples_per_s": plain_records_per_s(data, model, samples, batch_size)}
+        # Time to first batch of a natural epoch (each record once), which a whole-epoch shuffle
+        # must read and shuffle before it hands anything on.
+        data.samples_per_epoch = 0
+        row["ttfb_s"] = first_batch_and_steady(data, model, batch_size, batch_size)[0]
+        if compare_global:
+            data.shuffle = "global"
+            row["global_ttfb_s"] = first_batch_and_steady(data, model, batch_size, batch_size)[0]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n| records | time to first batch | steady samples/s | boto3 + PIL loop samples/s | ratio |"
+          + (" whole-epoch shuffle: time to first batch |" if compare_global else ""))
+    print("|---|---|---|---|---|" + ("---|" if compare_global else ""))
+    for row in rows:
+        print(f"| {row['records']:,} | {row['ttfb_s']:.1f} s | {row['steady_samples_per_s']:.0f} | "
+              f"{row['plain_samples_per_s']:.0f} | {row['steady_samples_per_s'] / row['plain_samples_per_s']:.2f}x |"
+              + (f" {row['global_ttfb_s']:.1f} s |" if compare_global else ""))
+    print(f"time to first batch at {sizes[-1]:,} vs {sizes[0]:,} records: {rows[-1]['ttfb_s'] / rows[0]['ttfb_s']:.2f}x")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", default=None,
@@ -85,7 +184,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="paper", choices=("tiny", "paper"), help="image sizes of this preset")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="most preprocessing actors")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--scaling", default=None, help="comma-separated dataset sizes (records): the scaling table")
+    parser.add_argument("--compare-global", action="store_true", help="--scaling: also the whole-epoch shuffle's")
     args = parser.parse_args(argv)
+    if args.scaling:
+        from kosmos_g.platform.stack import cluster
+
+        if not os.environ.get("KOSMOS_STORAGE_ROOT", "").startswith("s3://"):
+            parser.error("set KOSMOS_STORAGE_ROOT to an s3:// prefix (eval \"$(kosmos-g local env)\")")
+        cluster.connect()
+        rows = scaling([int(n) for n in args.scaling.split(",")], args.samples, args.batch_size, args.workers,
+                       args.compare_global)
+        if args.json:
+            with open(args.json, "w") as stream:
+                json.dump(rows, stream, indent=2)
+        return 0
 
     from kosmos_g.models.config import model_preset
     from kosmos_g.platform.stack import cluster

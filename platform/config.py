@@ -247,12 +247,25 @@ class Presets(Generic[T]):
         return self.get(args.preset, args.overrides)
 
 
+def inert_fields(cfg: Any, prefix: str = "") -> list[str]:
+    """Dotted fields that the config's current settings leave without effect: what each nested
+    dataclass names in its `inert_fields()` (e.g. a shuffle window when nothing is shuffled in
+    windows). They stay out of fingerprints, so adding an option leaves the fingerprints of
+    configs that do not use it unchanged."""
+    if not dataclasses.is_dataclass(cfg):
+        return []
+    found = [prefix + name for name in cfg.inert_fields()] if hasattr(cfg, "inert_fields") else []
+    for field in dataclasses.fields(cfg):
+        found += inert_fields(getattr(cfg, field.name), f"{prefix}{field.name}.")
+    return found
+
+
 def fingerprint(cfg: Any, ignore: tuple[str, ...] = (), **extra: Any) -> str:
     """16 hex digits naming what decides a job's result: the config as a dict without the
     `ignore`d fields (dotted for nested ones: names, locations, switches, resources), plus
     `extra` resolved inputs."""
     data = to_dict(cfg)
-    for dotted in ignore:
+    for dotted in (*ignore, *inert_fields(cfg)):
         *parents, key = dotted.split(".")
         node = data
         for parent in parents:

@@ -4,10 +4,15 @@
     for batch in ds.iter_torch_batches(batch_size=8, collate_fn=collate_fn(3, model_cfg)):
         loss = model.diffusion_loss(batch, ...)
 
-Plan: read each source's shards (only the columns the stage needs) -> resample it to
-its share of the epoch (the blend weights) -> union -> shuffle with the seed ->
+Plan (`shuffle="stream"`, the default): each source's shards in a seeded random order,
+the sources interleaved in proportion to their blend weights -> read tasks that each take
+a window of `shuffle_window` consecutive shards (only the columns the stage needs),
+resample every record to its share of the epoch and shuffle the window's rows ->
 `Preprocessor` actors (decode, augment, tokenise, resize; corrupt records skipped and
-counted) -> rows that `collate_fn` pads into model batches.
+counted) -> rows that `collate_fn` pads into model batches. Nothing waits for the whole
+epoch, so the first batch costs one window whatever the dataset's size, and memory holds
+a few windows. (`"global"`: Ray Data's `random_shuffle` of the whole epoch instead, a
+barrier that materialises every record first; `"blocks"`: shard-block order only.)
 
 Stages:
 1. multimodal LM: caption text alone or `<image> caption` (captions source, chosen
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -86,12 +91,19 @@ class DataConfig:
     stage2_max_clip_tokens: int = 75
     stage2_max_text_tokens: int = 85
     fast_decode: bool = True  # decode JPEGs at a reduced scale when the output is smaller
-    shuffle: str = "global"  # "global" (random_shuffle), "blocks" (block order only) or "none"
+    # "stream" (shard order + row shuffle within windows of `shuffle_window` shards; no barrier),
+    # "global" (random_shuffle of the whole epoch), "blocks" (block order only) or "none".
+    shuffle: str = "stream"
+    shuffle_window: int = 4  # shards read and shuffled together by one read task ("stream")
     preserve_order: bool = True  # deterministic order when iterated by one consumer
     batch_size: int = 32  # records per preprocessing call
     workers: int = 2  # most preprocessing actors
     num_cpus: float = 1.0  # CPUs per read task and per preprocessing actor
     skip_counter: str = "kosmos-g-datastream"  # name of the skip-count actor
+
+    def inert_fields(self) -> tuple[str, ...]:
+        """Fields without effect under the current settings (left out of fingerprints)."""
+        return () if self.shuffle == "stream" else ("shuffle_window",)
 
 
 def stage_sources(stage: int, data: DataConfig) -> list[tuple[str, str, float]]:
@@ -147,12 +159,17 @@ def resample(table: pa.Table, source: str, count: int, target: int, seed: int) -
     return pa.table(columns, schema=BLEND_SCHEMA)
 
 
-def _read_source(name: str, prefix: str, columns: list[str], data: DataConfig):
-    import ray
-
+def _manifest(name: str, prefix: str) -> shards.Manifest:
     manifest = shards.read_manifest(prefix)
     if manifest.source != name:
         raise shards.ShardError(f"{prefix} holds {manifest.source!r} shards, expected {name!r}")
+    return manifest
+
+
+def _read_source(name: str, prefix: str, columns: list[str], data: DataConfig):
+    import ray
+
+    manifest = _manifest(name, prefix)
     uris = manifest.shard_uris(prefix)
     filesystem, _ = storage.pyarrow_filesystem(prefix)
     paths = [storage.pyarrow_filesystem(uri)[1] for uri in uris]
@@ -167,6 +184,16 @@ def blended_records(stage: int, data: DataConfig, columns: dict[str, list[str]] 
     ones the stage needs; e.g. {"captions": ["key"], ...} to study the blend cheaply)."""
     sources = stage_sources(stage, data)
     columns = columns or STAGE_COLUMNS[stage]
+    if data.shuffle == "stream":
+        ds = _streamed_records(sources, columns, data)
+    else:
+        ds = _shuffled_records(sources, columns, data)
+    ds.context.execution_options.preserve_order = data.preserve_order
+    return ds
+
+
+def _shuffled_records(sources, columns: dict[str, list[str]], data: DataConfig):
+    """Ray Data's parquet reader per source, resampled, unioned, then shuffled as a whole."""
     read = {name: _read_source(name, prefix, columns[name], data) for name, prefix, _ in sources}
     plan = epoch_plan({name: count for name, (_, count) in read.items()},
                       {name: weight for name, _, weight in sources}, data.samples_per_epoch)
@@ -180,8 +207,77 @@ def blended_records(stage: int, data: DataConfig, columns: dict[str, list[str]] 
     elif data.shuffle == "blocks":
         ds = ds.randomize_block_order(seed=data.seed)
     elif data.shuffle != "none":
-        raise ValueError(f"shuffle must be 'global', 'blocks' or 'none', got {data.shuffle!r}")
-    ds.context.execution_options.preserve_order = data.preserve_order
+        raise ValueError(f"shuffle must be 'stream', 'global', 'blocks' or 'none', got {data.shuffle!r}")
+    return ds
+
+
+def stream_windows(sources, data: DataConfig) -> list[list[dict]]:
+    """The read plan of one epoch: windows of `shuffle_window` shards, each shard a dict of
+    (source, uri, count, target). Each source's shards are permuted with the seed, then all
+    are merged by how far into its source each shard lies, so every stretch of the epoch
+    draws from the sources in proportion to their shares."""
+    if data.shuffle_window < 1:
+        raise ValueError(f"shuffle_window must be at least 1, got {data.shuffle_window}")
+    manifests = {name: _manifest(name, prefix) for name, prefix, _ in sources}
+    plan = epoch_plan({name: m.count for name, m in manifests.items()},
+                      {name: weight for name, _, weight in sources}, data.samples_per_epoch)
+    rng = np.random.default_rng(data.seed)
+    placed = []
+    for order, (name, prefix, _) in enumerate(sources):
+        manifest, uris = manifests[name], manifests[name].shard_uris(prefix)
+        done = 0
+        for index in rng.permutation(len(uris)):
+            rows = int(manifest.shards[index]["rows"])
+            middle = (done + rows / 2) / manifest.count  # how far into its source this shard lies
+            placed.append((middle, order, {"source": name, "uri": uris[index], "count": manifest.count,
+                                           "target": plan[name]}))
+            done += rows
+    merged = [shard for _, _, shard in sorted(placed, key=lambda item: item[:2])]
+    return [merged[i:i + data.shuffle_window] for i in range(0, len(merged), data.shuffle_window)]
+
+
+# Rows per block a read task hands on, and the most bytes Ray Data gathers into one block:
+# small enough that preprocessing and training start before a window is done.
+STREAM_BLOCK_ROWS = 256
+STREAM_BLOCK_BYTES = 8 * 1024 * 1024
+
+
+def read_window(batch: pa.Table, columns: dict[str, list[str]], seed: int, filesystems: dict) -> Iterator[pa.Table]:
+    """Ray Data UDF: one window of shards -> its records resampled (as `resample`) and shuffled,
+    in blocks of STREAM_BLOCK_ROWS."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    for window, plan in zip(batch.column("window").to_pylist(), batch.column("shards").to_pylist()):
+        parts = []
+        for shard in json.loads(plan):
+            filesystem, path = filesystems[shard["source"]], storage.pyarrow_filesystem(shard["uri"])[1]
+            table = pq.read_table(path, filesystem=filesystem, columns=columns[shard["source"]])
+            parts.append(resample(table, shard["source"], shard["count"], shard["target"], seed))
+        records = pa.concat_tables(parts)
+        order = np.random.default_rng([seed, window]).permutation(records.num_rows)
+        records = records.take(pa.array(order, type=pa.int64()))
+        for start in range(0, records.num_rows, STREAM_BLOCK_ROWS):
+            yield records.slice(start, STREAM_BLOCK_ROWS)
+
+
+def _streamed_records(sources, columns: dict[str, list[str]], data: DataConfig):
+    """`stream_windows` as a dataset of windows, read by tasks that resample and shuffle each."""
+    import json
+
+    import ray
+
+    windows = stream_windows(sources, data)
+    items = [{"window": i, "shards": json.dumps(window)} for i, window in enumerate(windows)]
+    filesystems = {name: storage.pyarrow_filesystem(prefix)[0] for name, prefix, _ in sources}
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read_window, fn_args=(columns, data.seed, filesystems), batch_format="pyarrow", batch_size=1,
+        num_cpus=data.num_cpus)
+    # Ray Data holds a task's output back until a block reaches this size: with the default (128
+    # MiB) a window of small records, and the preprocessing fused after it, would come out whole,
+    # and the first batch would wait for a whole window.
+    ds.context.target_max_block_size = STREAM_BLOCK_BYTES
     return ds
 
 

@@ -218,3 +218,49 @@ def test_stage2_keeps_captions_the_teacher_sees_whole(tiny_cfg):
     strict = Preprocessor(2, DataConfig(captions="unused", skip_counter=None, stage2_max_text_tokens=20), tiny_cfg)
     assert strict(table).column("key").to_pylist() == ["k0"]
     assert strict.skips.local["caption_too_long"] == 2
+
+
+@pytest.fixture(scope="module")
+def many_shards(sample_shards, stack_env):
+    """The sample captions and compositional rows cut into shards of 2 rows (9 + 3 shards)."""
+    prefix = sample_shards["captions"].rsplit("/", 1)[0] + "-many"
+    shards.write_rows(f"{prefix}/captions", "captions", samples.caption_rows(), rows_per_shard=2)
+    shards.write_rows(f"{prefix}/compositional", "compositional", samples.compositional_rows(), rows_per_shard=2)
+    return {source: f"{prefix}/{source}" for source in ("captions", "compositional")}
+
+
+def _epoch(data: DataConfig) -> list[tuple[str, str, int]]:
+    keys_only = {source: ["key"] for source in datastream.SOURCE_ORDER}
+    rows = datastream.blended_records(1, data, keys_only).take_all()
+    return [(row["source"], row["key"], row["draw"]) for row in rows]
+
+
+def test_stream_shuffle_reorders_the_global_epoch_without_a_barrier(ray_local, many_shards):
+    """`shuffle="stream"` draws exactly what the whole-epoch shuffle draws (same resampling),
+    in an order fixed by the seed; its plan holds no all-to-all operator (no shuffle barrier), and
+    the sources are interleaved in proportion along the epoch rather than one after the other."""
+    data = _config(many_shards, samples_per_epoch=60, seed=5, shuffle_window=2)
+    streamed = _epoch(data)
+    assert sorted(streamed) == sorted(_epoch(_config(many_shards, samples_per_epoch=60, seed=5, shuffle="global")))
+    assert streamed == _epoch(data)  # same seed, same order
+    assert streamed != _epoch(_config(many_shards, samples_per_epoch=60, seed=6, shuffle_window=2))
+    plan = str(datastream.blended_records(1, data, {s: ["key"] for s in datastream.SOURCE_ORDER})._logical_plan.dag)
+    assert "Shuffle" not in plan and "Randomize" not in plan and "AllToAll" not in plan, plan
+
+    # Windows of 2 shards; each half of the epoch holds about half of each source's draws.
+    windows = datastream.stream_windows(datastream.stage_sources(1, data), data)
+    assert [len(w) for w in windows] == [2] * 6 and len({s["uri"] for w in windows for s in w}) == 12
+    half = len(streamed) // 2
+    for source in ("captions", "compositional"):
+        total = sum(1 for row in streamed if row[0] == source)
+        first = sum(1 for row in streamed[:half] if row[0] == source)
+        assert abs(first - total / 2) <= total / 4, (source, first, total)
+    # Rows are shuffled within a window: not in the order the shards hold them.
+    first_window_keys = [key for _, key, _ in streamed[:8]]
+    assert first_window_keys != sorted(first_window_keys)
+
+
+def test_stream_window_must_be_positive(sample_shards):
+    data = _config(sample_shards, shuffle_window=0)
+    with pytest.raises(ValueError, match="shuffle_window"):
+        datastream.stream_windows(datastream.stage_sources(2, data), data)

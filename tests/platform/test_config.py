@@ -70,3 +70,21 @@ def test_argparse_integration(tmp_path):
     path.write_text(to_yaml(Job(steps=42)))
     args = parser.parse_args(["--config", str(path), "--set", "bf16=true"])
     assert PRESETS.from_args(args) == Job(steps=42, bf16=True)
+
+
+def test_fingerprints_leave_out_options_the_config_does_not_use():
+    """A shuffle window decides the order only under `shuffle="stream"`: elsewhere it stays out of
+    the fingerprint, so configs that never used it keep their registered fingerprints."""
+    from kosmos_g.platform.config import fingerprint, inert_fields
+    from kosmos_g.platform.train.config import stage_presets
+
+    cfg = stage_presets(3).get("mini")
+    assert cfg.data.shuffle == "global" and inert_fields(cfg) == ["data.shuffle_window"]
+    before = fingerprint(cfg)
+    cfg.data.shuffle_window = 9
+    assert fingerprint(cfg) == before
+    cfg.data.shuffle = "stream"
+    streamed = fingerprint(cfg)
+    assert streamed != before and inert_fields(cfg) == []
+    cfg.data.shuffle_window = 4
+    assert fingerprint(cfg) != streamed
