@@ -366,9 +366,8 @@ def pyarrow_filesystem(uri: str):
     pyarrow ignores AWS_ENDPOINT_URL, so the endpoint is passed explicitly."""
     import pyarrow.fs as pafs
 
-    location = parse(uri)
-    if location.scheme == "file":
-        return pafs.LocalFileSystem(), location.path
+    if parse(uri).scheme == "file":
+        return pafs.LocalFileSystem(), pyarrow_path(uri)
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     options = {
         "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
@@ -381,4 +380,11 @@ def pyarrow_filesystem(uri: str):
         parsed = urlparse(endpoint)
         options["endpoint_override"] = parsed.netloc or parsed.path
         options["scheme"] = parsed.scheme or "http"
-    return pafs.S3FileSystem(**options), f"{location.bucket}/{location.path}"
+    return pafs.S3FileSystem(**options), pyarrow_path(uri)
+
+
+def pyarrow_path(uri: str) -> str:
+    """The path of `uri` on its `pyarrow_filesystem` (without building a filesystem: many paths
+    share one)."""
+    location = parse(uri)
+    return location.path if location.scheme == "file" else f"{location.bucket}/{location.path}"

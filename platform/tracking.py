@@ -81,6 +81,12 @@ def start_run(pipeline: str, run_key: str, config: Any = None, tags: dict[str, s
     return run_id, False
 
 
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    """Set tags on a run, new or continued (`start_run` tags only the runs it creates)."""
+    for key, value in tags.items():
+        client().set_tag(run_id, key, value)
+
+
 def log_params(run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 

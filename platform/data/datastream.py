@@ -172,7 +172,7 @@ def _read_source(name: str, prefix: str, columns: list[str], data: DataConfig):
     manifest = _manifest(name, prefix)
     uris = manifest.shard_uris(prefix)
     filesystem, _ = storage.pyarrow_filesystem(prefix)
-    paths = [storage.pyarrow_filesystem(uri)[1] for uri in uris]
+    paths = [storage.pyarrow_path(uri) for uri in uris]
     ds = ray.data.read_parquet(paths, filesystem=filesystem, columns=columns,
                                num_cpus=data.num_cpus)
     return ds, manifest.count
@@ -252,7 +252,7 @@ def read_window(batch: pa.Table, columns: dict[str, list[str]], seed: int, files
     for window, plan in zip(batch.column("window").to_pylist(), batch.column("shards").to_pylist()):
         parts = []
         for shard in json.loads(plan):
-            filesystem, path = filesystems[shard["source"]], storage.pyarrow_filesystem(shard["uri"])[1]
+            filesystem, path = filesystems[shard["source"]], storage.pyarrow_path(shard["uri"])
             table = pq.read_table(path, filesystem=filesystem, columns=columns[shard["source"]])
             parts.append(resample(table, shard["source"], shard["count"], shard["target"], seed))
         records = pa.concat_tables(parts)

@@ -75,7 +75,7 @@ def read_table_dataset(table: str, num_cpus: float = 1.0):
         raise ValueError(f"{table} mixes table formats: {sorted(kinds)}")
     kind = kinds.pop()
     filesystem, _ = storage.pyarrow_filesystem(files[0])
-    paths = [storage.pyarrow_filesystem(f)[1] for f in files]
+    paths = [storage.pyarrow_path(f) for f in files]
     common = {"filesystem": filesystem, "num_cpus": num_cpus}
     if kind == "parquet":
         return ray.data.read_parquet(paths, **common)

@@ -164,16 +164,17 @@ def compositional_rows(scene_list: list[Scene], prefix: str = "world", crop_size
     return rows
 
 
-def clip_rows(scene_list: list[Scene], prefix: str = "world") -> list[dict]:
+def clip_rows(scene_list: list[Scene], prefix: str = "world", scene_rows: list[dict] | None = None) -> list[dict]:
     """Caption-shard rows of the mini CLIP's image-text pairs: each scene, followed by a close-up
     of each of its objects (its entity crop, background kept, as a subject image shows it)
     captioned "a red circle on a blue background". Real CLIP saw close-ups as well as scenes; one
     trained on whole scenes alone cannot tell, in a crop, which colour is the object's
-    (docs/REPRODUCTION.md). Close-ups follow their scene, so a block-order shuffle still mixes them."""
+    (docs/REPRODUCTION.md). Close-ups follow their scene, so a block-order shuffle still mixes them.
+    `scene_rows`: the scenes' `caption_rows` when already made."""
     from kosmos_g.platform.data import imaging
 
     rows = []
-    for scene, row in zip(scene_list, caption_rows(scene_list, prefix)):
+    for scene, row in zip(scene_list, scene_rows or caption_rows(scene_list, prefix)):
         rows.append(row)
         image = scene.render()
         for index, obj in enumerate(scene.objects):
@@ -213,9 +214,10 @@ def write_world_shards(prefix: str, seed: int = 0, count: int = 10_000, rows_per
     storage.ensure_bucket(prefix)
     scene_list = scenes(seed, count, "train")
     prefixes = {part: storage.join(prefix, part) for part in ("captions", "images", "clip")}
-    _write_captions(prefixes["captions"], caption_rows(scene_list), rows_per_shard)
+    scene_rows = caption_rows(scene_list)
+    _write_captions(prefixes["captions"], scene_rows, rows_per_shard)
     write_world_images(prefixes["images"], scene_list)
-    _write_captions(prefixes["clip"], clip_rows(scene_list), rows_per_shard)
+    _write_captions(prefixes["clip"], clip_rows(scene_list, scene_rows=scene_rows), rows_per_shard)
     return prefixes
 
 

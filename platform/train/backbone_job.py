@@ -148,8 +148,8 @@ def run_backbone(cfg: BackboneConfig) -> str | None:
     check_resumable(cfg, None, resume_hash, config_hash)  # the job name's checkpoints must be this config's
     ensure_world(cfg)
     run_id, _ = tracking.start_run(cfg.pipeline, cfg.name, cfg)
-    for key, value in {"config_hash": config_hash, "resume_hash": resume_hash}.items():
-        tracking.client().set_tag(run_id, key, value)  # a continued run (more steps) trains this config now
+    # A continued run (more steps) trains this config now.
+    tracking.set_tags(run_id, {"config_hash": config_hash, "resume_hash": resume_hash})
     try:
         if cfg.kind == "clip":
             result = _fit(cfg, ClipTask(), "clip", cfg.clip.image_size, run_id)

@@ -291,8 +291,7 @@ def run_stage(cfg: StageConfig, evaluator=None) -> StageResult:
     check_resumable(cfg, init_uri, resume_hash, config_hash)
     run_id, resumed = tracking.start_run(cfg.pipeline, cfg.name, cfg, tags={"stage": str(cfg.stage)})
     tags = {"config_hash": config_hash, "resume_hash": resume_hash, "init_uri": init_uri or "random"}
-    for key, value in tags.items():
-        tracking.client().set_tag(run_id, key, value)  # a resumed run (more steps) trains this config now
+    tracking.set_tags(run_id, tags)  # a resumed run (more steps) trains this config now
     print(f"[{cfg.pipeline}] MLflow run {run_id} ({'continued' if resumed else 'new'}); "
           f"init: {init_uri or 'random'}; checkpoints: {cfg.resolved_storage_path()}/{cfg.name}", flush=True)
     started = time.monotonic()
