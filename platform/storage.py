@@ -335,9 +335,17 @@ def local_dir(uri: str, cache_root: str | os.PathLike | None = None) -> Path:
     download_dir(uri, staging)
     (staging / ".complete").write_text(location.uri)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
+    if target.exists() and not marker.exists():
+        shutil.rmtree(target)  # left by an older version of this code: never renamed complete
+    try:
+        os.replace(staging, target)
+    except OSError:
+        # Another process (a second Train worker on this node) renamed its complete copy there
+        # first and may be reading it now: keep that one. Replacing it deleted files under a
+        # reader (`torch.load`: "PytorchStreamReader failed reading file data/95").
+        shutil.rmtree(staging, ignore_errors=True)
+        if not marker.exists():
+            raise
     return target
 
 

@@ -106,6 +106,32 @@ def test_local_dir_fetches_s3_tree_into_cache(s3_prefix, tmp_path):
         storage.local_dir(f"{s3_prefix}/no-such-weights", cache_root=tmp_path)
 
 
+def test_a_second_download_never_replaces_a_copy_being_read(s3_prefix, tmp_path, monkeypatch):
+    """Two Train workers on one node fetch the same init bundle: the one that finishes second must
+    not delete the first one's copy while it is read (a stage-2 worker's `torch.load` failed with
+    "PytorchStreamReader failed reading file data/95" when it did)."""
+    uri = f"{s3_prefix}/bundle"
+    storage.write_bytes(f"{uri}/model.safetensors", b"m" * 1000)
+    real_download = storage.download_dir
+    opened = {}
+
+    def download_while_another_finishes(source, staging):
+        if not opened:  # this caller saw no cached copy; another one completes meanwhile
+            opened["started"] = True
+            first = storage.local_dir(uri, cache_root=tmp_path)
+            opened["path"] = first / "model.safetensors"
+            opened["inode"] = opened["path"].stat().st_ino
+        return real_download(source, staging)
+
+    monkeypatch.setattr(storage, "download_dir", download_while_another_finishes)
+    second = storage.local_dir(uri, cache_root=tmp_path)
+    assert second / "model.safetensors" == opened["path"]
+    # The first copy is still the one in place: same file, still readable, nothing left staged.
+    assert opened["path"].stat().st_ino == opened["inode"]
+    assert opened["path"].read_bytes() == b"m" * 1000
+    assert not list(tmp_path.glob(".download-*"))
+
+
 def test_upload_and_download_dir(s3_prefix, tmp_path):
     source = tmp_path / "src"
     (source / "nested").mkdir(parents=True)
