@@ -22,6 +22,10 @@ def register(subparsers) -> None:
                             help="override the stack config, e.g. --set ports.mlflow=5001")
         if name == "status":
             action.add_argument("--json", action="store_true")
+        if name == "up":
+            action.add_argument("--worker-nodes", type=int, default=None, metavar="N",
+                                help="also start N Ray worker nodes on this machine (a multi-node cluster "
+                                     "on one host; same as --set worker_nodes=N)")
         action.set_defaults(func=run)
 
 
@@ -29,7 +33,10 @@ def _stack(args: argparse.Namespace):
     from kosmos_g.platform.config import apply_overrides
     from kosmos_g.platform.stack.localstack import LocalStack, LocalStackConfig
 
-    return LocalStack(args.state_dir, apply_overrides(LocalStackConfig(), args.overrides))
+    overrides = list(args.overrides)
+    if getattr(args, "worker_nodes", None) is not None:
+        overrides.append(f"worker_nodes={args.worker_nodes}")
+    return LocalStack(args.state_dir, apply_overrides(LocalStackConfig(), overrides))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             for name, item in report.items():
                 state = "ready" if item["ready"] else ("running, not ready" if item["running"] else "stopped")
                 where = f" at {item['url']} (pid {item['pid']})" if item["running"] else ""
-                print(f"{name:10s} {state}{where}")
+                print(f"{name:12s} {state}{where}")
         return 0 if all(item["ready"] for item in report.values()) else 1
     if args.action == "down":
         stack.down()

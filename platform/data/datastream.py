@@ -178,14 +178,19 @@ def _read_source(name: str, prefix: str, columns: list[str], data: DataConfig):
     return ds, manifest.count
 
 
-def blended_records(stage: int, data: DataConfig, columns: dict[str, list[str]] | None = None):
+def blended_records(stage: int, data: DataConfig, columns: dict[str, list[str]] | None = None,
+                    start_row: int = 0, rows: int | None = None):
     """The resampled, shuffled shard records of a stage (before preprocessing): one row
     per example with `source`, `key`, `draw` and the raw record columns (by default the
-    ones the stage needs; e.g. {"captions": ["key"], ...} to study the blend cheaply)."""
+    ones the stage needs; e.g. {"captions": ["key"], ...} to study the blend cheaply).
+
+    `start_row` and `rows` (the `stream` shuffle only): begin at the first window boundary at or
+    after `start_row` rows into the stream and hold `rows` rows, epoch after epoch; a resumed job
+    continues there. The other shuffles begin again at the start of an epoch."""
     sources = stage_sources(stage, data)
     columns = columns or STAGE_COLUMNS[stage]
     if data.shuffle == "stream":
-        ds = _streamed_records(sources, columns, data)
+        ds = _streamed_records(sources, columns, data, start_row, rows)
     else:
         ds = _shuffled_records(sources, columns, data)
     ds.context.execution_options.preserve_order = data.preserve_order
@@ -229,8 +234,8 @@ def stream_windows(sources, data: DataConfig) -> list[list[dict]]:
         for index in rng.permutation(len(uris)):
             rows = int(manifest.shards[index]["rows"])
             middle = (done + rows / 2) / manifest.count  # how far into its source this shard lies
-            placed.append((middle, order, {"source": name, "uri": uris[index], "count": manifest.count,
-                                           "target": plan[name]}))
+            placed.append((middle, order, {"source": name, "uri": uris[index], "rows": rows,
+                                           "count": manifest.count, "target": plan[name]}))
             done += rows
     merged = [shard for _, _, shard in sorted(placed, key=lambda item: item[:2])]
     return [merged[i:i + data.shuffle_window] for i in range(0, len(merged), data.shuffle_window)]
@@ -262,14 +267,48 @@ def read_window(batch: pa.Table, columns: dict[str, list[str]], seed: int, files
             yield records.slice(start, STREAM_BLOCK_ROWS)
 
 
-def _streamed_records(sources, columns: dict[str, list[str]], data: DataConfig):
-    """`stream_windows` as a dataset of windows, read by tasks that resample and shuffle each."""
+def window_starts(windows: list[list[dict]]) -> tuple[list[float], float]:
+    """(expected rows of the epoch before each window, rows of the epoch): a shard draws
+    rows × target / count records. Expected, not counted: resampling decides per record."""
+    starts, total = [], 0.0
+    for window in windows:
+        starts.append(total)
+        total += sum(shard["rows"] * shard["target"] / shard["count"] for shard in window)
+    return starts, total
+
+
+def resume_windows(windows: list[list[dict]], start_row: int, rows: int | None) -> list[int]:
+    """Window indices (into the epoch's plan, repeated epoch after epoch) of a stream that begins
+    at the first whole window at or after `start_row` rows into the stream and then holds at
+    least `rows` rows (None: to the end of that epoch). A resumed job reads on from where its
+    checkpoint left off instead of replaying the epoch's first windows; the rows between the
+    checkpoint and that window boundary are skipped, never read twice."""
+    starts, epoch_rows = window_starts(windows)
+    if epoch_rows <= 0:
+        return list(range(len(windows)))
+    epochs_done, position = divmod(float(start_row), epoch_rows)
+    first = next((i for i, start in enumerate(starts) if start >= position - 1e-6), len(windows))
+    indices = list(range(first, len(windows)))
+    if rows is None:
+        return indices or list(range(len(windows)))
+    held = epoch_rows - (starts[first] if first < len(windows) else epoch_rows)
+    while held < rows or not indices:
+        indices += range(len(windows))
+        held += epoch_rows
+    return indices
+
+
+def _streamed_records(sources, columns: dict[str, list[str]], data: DataConfig, start_row: int = 0,
+                      rows: int | None = None):
+    """`stream_windows` as a dataset of windows, read by tasks that resample and shuffle each;
+    from `start_row` on and for `rows` rows (see `resume_windows`)."""
     import json
 
     import ray
 
     windows = stream_windows(sources, data)
-    items = [{"window": i, "shards": json.dumps(window)} for i, window in enumerate(windows)]
+    order = resume_windows(windows, start_row, rows) if (start_row or rows) else range(len(windows))
+    items = [{"window": i, "shards": json.dumps(windows[i])} for i in order]
     filesystems = {name: storage.pyarrow_filesystem(prefix)[0] for name, prefix, _ in sources}
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         read_window, fn_args=(columns, data.seed, filesystems), batch_format="pyarrow", batch_size=1,
@@ -287,12 +326,14 @@ def _pool(data: DataConfig):
     return ActorPoolStrategy(min_size=1, max_size=max(1, data.workers))
 
 
-def training_dataset(stage: int, data: DataConfig, model: ModelConfig):
+def training_dataset(stage: int, data: DataConfig, model: ModelConfig, start_row: int = 0,
+                     rows: int | None = None):
     """A `ray.data.Dataset` of preprocessed examples for `stage`; batch it with
     `iter_torch_batches(collate_fn=collate_fn(stage, model))`. Skipped records are
-    counted under `data.skip_counter` (see `skip_counts`)."""
+    counted under `data.skip_counter` (see `skip_counts`); `start_row` and `rows` as in
+    `blended_records`."""
     skips.ensure_counter(data.skip_counter)
-    ds = blended_records(stage, data)
+    ds = blended_records(stage, data, start_row=start_row, rows=rows)
     ds = ds.map_batches(
         Preprocessor, fn_constructor_kwargs={"stage": stage, "data": data, "model": model},
         batch_format="pyarrow", batch_size=data.batch_size, num_cpus=data.num_cpus, compute=_pool(data),

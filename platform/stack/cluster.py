@@ -45,15 +45,21 @@ def ray_address() -> str | None:
     return address
 
 
+def quiet_data_progress() -> None:
+    """Ray Data's progress bars (also drawn by Ray Train's split coordinator) would flood job logs;
+    every job prints its own progress. A dataset keeps the context it was created in, so this is
+    set in every process that builds one (a job's driver; Ray Train's controller, which builds
+    a stage's stream at every start of the workers) before it does."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
 def connect(num_cpus: int | None = None, **init_kwargs):
     """`ray.init` once per process; returns the Ray context."""
     import ray
-    import ray.data
 
-    # Ray Data's progress bars (also drawn by Ray Train's split coordinator) would flood job logs;
-    # every job prints its own progress. A dataset keeps the context it was created in, so this
-    # is set before any job builds one.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_data_progress()
     if ray.is_initialized():
         return ray.get_runtime_context()
     runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -43,7 +44,29 @@ class LocalStackConfig:
     bucket: str = "kosmos-g"
     region: str = "us-east-1"
     ray_num_cpus: int | None = None
+    # Extra Ray nodes on this machine (`kosmos-g local up --worker-nodes N`), each joining the
+    # head as a second machine would: multi-node placement and node failures, tested locally.
+    worker_nodes: int = 0
+    worker_num_cpus: int = 1
+    worker_object_store_mb: int = 512
     ports: Ports = field(default_factory=Ports)
+
+
+WORKER_PREFIX = "ray-worker-"
+
+
+def worker_name(index: int) -> str:
+    return f"{WORKER_PREFIX}{index}"
+
+
+def worker_index(name: str) -> int | None:
+    """N of a `ray-worker-N` service; None for the other services."""
+    return int(name[len(WORKER_PREFIX):]) if name.startswith(WORKER_PREFIX) else None
+
+
+def worker_temp_dir(stack_id: str, index: int) -> Path:
+    """A worker node's Ray temp dir: short (Ray's Unix sockets live under it), one per node."""
+    return Path(tempfile.gettempdir()) / f"ray-{stack_id[:8]}-node{index}"
 
 
 def repo_root() -> Path:
@@ -95,6 +118,12 @@ class LocalStack:
         self._save_state(state)
         return state
 
+    def _service_names(self, state: dict) -> list[str]:
+        """The three services, then the worker nodes asked for now or recorded as started."""
+        recorded = [name for name in state.get("services", {}) if worker_index(name)]
+        wanted = [worker_name(index) for index in range(1, self.config.worker_nodes + 1)]
+        return [*ORDER, *sorted(set(recorded) | set(wanted), key=worker_index)]
+
     def _anything_alive(self, state: dict) -> bool:
         return any(self._alive(name, state) for name in state.get("services", {}))
 
@@ -139,6 +168,8 @@ class LocalStack:
                 return services.s3_round_trip(self.s3_settings(state))
             if name == "mlflow":
                 return services.mlflow_ready(self.mlflow_url(state))
+            if worker_index(name):
+                return services.ray_node_alive(self.ray_settings(state), f"kosmos_node_{worker_index(name)}")
             return services.ray_ready(self.ray_settings(state))
         except Exception:
             return False
@@ -146,7 +177,7 @@ class LocalStack:
     def status(self) -> dict[str, dict]:
         state = self._load_state()
         report = {}
-        for name in ORDER:
+        for name in self._service_names(state):
             record = state.get("services", {}).get(name)
             alive = bool(record) and self._alive(name, state)
             report[name] = {
@@ -160,6 +191,8 @@ class LocalStack:
     # ------------------------------------------------------------------- up
 
     def up(self, log=print) -> dict[str, str]:
+        if self.config.worker_nodes < 0:
+            raise ServiceError(f"worker_nodes must be 0 or more, not {self.config.worker_nodes}")
         state = self._identity()
         stack_id = state["stack_id"]
         logs = self.state_dir / "logs"
@@ -167,22 +200,29 @@ class LocalStack:
         ray_settings = self.ray_settings(state)
         self._ensure_ray_token(ray_settings.token_path)
         launched: list[services.Launched] = []
+        wanted = [*ORDER, *(worker_name(index) for index in range(1, self.config.worker_nodes + 1))]
         try:
-            for number, name in enumerate(ORDER, start=1):
+            for number, name in enumerate(wanted, start=1):
                 if self._alive(name, state) and self._probe(name, state):
                     log(f"{name:10s} already running (pid {state['services'][name]['pid']})")
                     continue
                 self._check_ports(name, state)
-                log(f"[{number}/{len(ORDER)}] starting {name}, waiting until it answers…")
+                log(f"[{number}/{len(wanted)}] starting {name}, waiting until it answers…")
                 if name == "seaweedfs":
                     item = services.start_seaweedfs(self.state_dir / "s3", s3, state["ports"]["seaweed"],
                                                     stack_id, logs / "seaweedfs.log")
                 elif name == "mlflow":
                     item = services.start_mlflow(self.state_dir / "mlflow", state["ports"]["mlflow"], s3,
                                                  stack_id, logs / "mlflow.log")
+                elif name == "ray":
+                    item = services.start_ray_head(ray_settings, self._job_env(), repo_root(), stack_id,
+                                                   logs / "ray.log")
                 else:
-                    job_env = {k: v for k, v in self.env().items() if not k.startswith("RAY_")}
-                    item = services.start_ray_head(ray_settings, job_env, repo_root(), stack_id, logs / "ray.log")
+                    index = worker_index(name)
+                    item = services.start_ray_worker_node(
+                        ray_settings, index, self.config.worker_num_cpus, self.config.worker_object_store_mb,
+                        self._job_env(), repo_root(), stack_id, logs / f"{name}.log",
+                        worker_temp_dir(stack_id, index))
                 launched.append(item)
                 state["services"][name] = {"pid": item.process.pid, "url": item.url, "log": str(item.log_path)}
                 self._save_state(state)
@@ -196,7 +236,13 @@ class LocalStack:
             raise
         return {name: record["url"] for name, record in state["services"].items()}
 
+    def _job_env(self) -> dict[str, str]:
+        """What every process of a Ray node (and so every job) inherits: storage and tracking."""
+        return {k: v for k, v in self.env().items() if not k.startswith("RAY_")}
+
     def _check_ports(self, name: str, state: dict) -> None:
+        if worker_index(name):
+            return  # a worker node takes random ports
         ports = state["ports"]
         if name == "seaweedfs":
             # Every SeaweedFS server port moves with `seaweed_base`, except the S3 one.
@@ -228,6 +274,8 @@ class LocalStack:
                                           pattern=services.ray_head_pattern(state["ports"]["ray_gcs"]))
         for name in list(state["services"]):
             log(f"{name:10s} stopped")
+            if worker_index(name):
+                shutil.rmtree(worker_temp_dir(state["stack_id"], worker_index(name)), ignore_errors=True)
         state["services"] = {}
         self._save_state(state)
         self._forget_ray_cluster(state["ports"]["ray_gcs"])

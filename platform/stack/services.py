@@ -264,6 +264,53 @@ def start_ray_head(settings: RaySettings, job_env: dict[str, str], cwd: Path, st
     return Launched("ray", process, settings.dashboard_url, log_path)
 
 
+def start_ray_worker_node(settings: RaySettings, index: int, num_cpus: int, object_store_mb: int,
+                          job_env: dict[str, str], cwd: Path, stack_id: str, log_path: Path, temp_dir: Path,
+                          timeout: float = 120) -> Launched:
+    """One more Ray node on this machine joining the head (`ray start --address … --block`), the
+    way a second machine would join a real cluster: its own custom resource `kosmos_node_<index>`
+    (so a test can tell the nodes apart), its own temp dir (logs, sockets, spilled objects; a shared
+    one made every node's log monitor print every node's worker logs) and random ports, since every
+    fixed port (the dashboard agent's, the workers' range) is the head's already.
+
+    Every node advertises the machine's address, not 127.0.0.1: `ray start` replaces a loopback
+    `--node-ip-address` by the default route's address on Linux, and its only switch against that
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) also refuses worker nodes. The stack's own services
+    (S3, MLflow, the dashboard, the GCS address clients use) stay on 127.0.0.1."""
+    command = [
+        venv_bin("ray"), "start", f"--address={settings.gcs_address}", "--block", "--disable-usage-stats",
+        f"--node-ip-address={LOOPBACK}", f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={temp_dir}",
+        f"--object-store-memory={object_store_mb * 1024 * 1024}",
+        f"--resources={{\"kosmos_node_{index}\": 1}}",
+        f"--dashboard-agent-listen-port={free_port()}", "--min-worker-port=0", "--max-worker-port=0",
+    ]
+    env = {**os.environ, **job_env, **settings.client_env(), STACK_ID_VAR: stack_id}
+    env.pop("RAY_ADDRESS", None)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    process = _spawn(f"ray-worker-{index}", command, env, log_path, cwd=cwd)
+    wait_until(lambda: ray_node_alive(settings, f"kosmos_node_{index}"), f"Ray worker node {index}", timeout,
+               process, log_path)
+    return Launched(f"ray-worker-{index}", process, settings.gcs_address, log_path)
+
+
+def ray_nodes(settings: RaySettings) -> list[dict]:
+    """The cluster's nodes as the dashboard reports them (node id, state, resources)."""
+    import requests
+
+    headers = {}
+    if settings.token_path and settings.token_path.exists():
+        headers["Authorization"] = f"Bearer {settings.token_path.read_text().strip()}"
+    answer = requests.get(f"{settings.dashboard_url}/api/v0/nodes", params={"detail": "1", "limit": "100"},
+                          headers=headers, timeout=10)
+    answer.raise_for_status()
+    return answer.json()["data"]["result"]["result"]
+
+
+def ray_node_alive(settings: RaySettings, resource: str) -> bool:
+    return any(node.get("state") == "ALIVE" and resource in (node.get("resources_total") or {})
+               for node in ray_nodes(settings))
+
+
 def ray_ready(settings: RaySettings) -> bool:
     # Jobs are handed to the dashboard agent: until it listens, submissions fail.
     if not port_in_use(settings.agent_port):

@@ -76,7 +76,8 @@ def backbone_presets(kind: str) -> Presets[BackboneConfig]:
 
 
 # What does not decide the trained weights: names, locations, switches and the CPUs reserved.
-NOT_DECIDING = ("name", "storage_path", "register", "force", "train.cpus_per_worker", "data.num_cpus")
+NOT_DECIDING = ("name", "storage_path", "register", "force", "train.cpus_per_worker",
+                "train.placement_strategy", "data.num_cpus")
 
 
 def ensure_world(cfg: BackboneConfig) -> None:

@@ -32,6 +32,9 @@ class OptimConfig:
     grad_clip: float = 2.0
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 200_000
@@ -41,6 +44,9 @@ class TrainConfig:
     # CPUs reserved per training worker; below 1 leaves room for Ray Data's
     # readers on small machines (its file listing alone asks for a whole CPU).
     cpus_per_worker: float = 1.0
+    # How Ray places the workers' bundles: PACK (few nodes), SPREAD, or STRICT_SPREAD (one
+    # worker per node; what a test of node failures wants).
+    placement_strategy: str = "PACK"
     zero_stage: int = 2
     precision: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; or "fp32" / "bf16"
     checkpoint_every: int = 1000
@@ -123,6 +129,9 @@ class StageConfig:
         for key in ("steps", "batch_size", "num_workers", "checkpoint_every", "log_every"):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f"train.{key} must be at least 1")
+        if self.train.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ConfigError(f"train.placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                              f"got {self.train.placement_strategy!r}")
         if self.eval.prompts:
             if self.stage == 1:
                 raise ConfigError("eval.prompts: a stage-1 model has no AlignerNet and cannot generate images; "

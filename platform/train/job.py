@@ -22,6 +22,7 @@ from kosmos_g.platform.config import ConfigError, fingerprint, to_dict, to_yaml
 from kosmos_g.platform.train.config import REGISTERED_NAMES, check_real_inputs, StageConfig, stage_presets
 from kosmos_g.platform.mlflow_model import save_pyfunc
 from kosmos_g.platform.train.loop import BUNDLE_DIR, train_loop_per_worker
+from kosmos_g.platform.train.resume import StageStream
 from kosmos_g.platform.train.task import StageTask
 
 
@@ -51,7 +52,7 @@ def resolve_init(cfg: StageConfig) -> str | None:
 
 # What does not decide a stage's weights: names, locations, switches, reserved CPUs, the evaluation.
 NOT_DECIDING = ("name", "storage_path", "register", "force", "sample_grid", "allow_random", "eval",
-                "train.cpus_per_worker", "data.num_cpus")
+                "train.cpus_per_worker", "train.placement_strategy", "data.num_cpus")
 
 
 def registered_result(cfg: StageConfig, config_hash: str) -> StageResult | None:
@@ -167,18 +168,20 @@ def ensure_world_data(cfg: StageConfig) -> None:
 
 
 def fit(cfg: StageConfig, init_uri: str | None, run_id: str):
-    from kosmos_g.platform.data.datastream import collate_fn, training_dataset
+    from kosmos_g.platform.data.datastream import collate_fn
 
     ensure_sample_data(cfg)
     model_cfg = model_config_for(cfg, init_uri)
     # One skip counter per job, so concurrent jobs do not mix their counts.
     cfg.data.skip_counter = f"skips-{cfg.name}"
-    dataset = training_dataset(cfg.stage, cfg.data, model_cfg)
+    # Built by Ray Train at every start of the workers, from the last registered checkpoint on.
+    dataset = StageStream(cfg, model_cfg, run_id)
     return run_trainer(cfg, StageTask(cfg.stage), dataset, collate_fn(cfg.stage, model_cfg), init_uri, run_id)
 
 
 def run_trainer(cfg, task, dataset, collate, init_uri: str | None, run_id: str | None):
-    """Ray Train's TorchTrainer running the shared loop for `task` over `dataset`. `cfg` needs
+    """Ray Train's TorchTrainer running the shared loop for `task` over `dataset` (a Ray Dataset,
+    or a callable Ray Train calls for one at every start of the workers). `cfg` needs
     `name`, `train`, `optim` and `resolved_storage_path()` (StageConfig, BackboneConfig)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -190,7 +193,8 @@ def run_trainer(cfg, task, dataset, collate, init_uri: str | None, run_id: str |
         train_loop_config={"config": to_dict(cfg), "task": task, "init_uri": init_uri, "run_id": run_id,
                            "fault_marker": fault_marker, "collate": collate},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=_use_gpu(cfg),
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+                                     placement_strategy=cfg.train.placement_strategy),
         run_config=RunConfig(
             name=cfg.name, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),

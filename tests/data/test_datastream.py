@@ -229,9 +229,9 @@ def many_shards(sample_shards, stack_env):
     return {source: f"{prefix}/{source}" for source in ("captions", "compositional")}
 
 
-def _epoch(data: DataConfig) -> list[tuple[str, str, int]]:
+def _epoch(data: DataConfig, **position) -> list[tuple[str, str, int]]:
     keys_only = {source: ["key"] for source in datastream.SOURCE_ORDER}
-    rows = datastream.blended_records(1, data, keys_only).take_all()
+    rows = datastream.blended_records(1, data, keys_only, **position).take_all()
     return [(row["source"], row["key"], row["draw"]) for row in rows]
 
 
@@ -258,6 +258,28 @@ def test_stream_shuffle_reorders_the_global_epoch_without_a_barrier(ray_local, m
     # Rows are shuffled within a window: not in the order the shards hold them.
     first_window_keys = [key for _, key, _ in streamed[:8]]
     assert first_window_keys != sorted(first_window_keys)
+
+
+def test_a_resumed_stream_continues_at_the_next_window_boundary(ray_local, many_shards):
+    """A job resumed at a checkpoint `start_row` rows into its stream reads on from the first
+    window at or after that row (the same rows in the same order as the uninterrupted stream
+    from there), epoch after epoch, instead of replaying the epoch's first windows."""
+    data = _config(many_shards, samples_per_epoch=60, seed=5, shuffle_window=2)
+    one_epoch = _epoch(data)
+    uninterrupted = _epoch(data, rows=150)  # three epochs in one pass, each the same plan
+    assert uninterrupted == one_epoch * 3
+    windows = datastream.stream_windows(datastream.stage_sources(1, data), data)
+    starts, epoch_rows = datastream.window_starts(windows)
+    assert epoch_rows == pytest.approx(60)
+
+    resumed = _epoch(data, start_row=25, rows=60)
+    begins = uninterrupted.index(resumed[0])
+    assert resumed == uninterrupted[begins:begins + len(resumed)] and len(resumed) >= 60
+    boundary = min(start for start in starts if start >= 25)
+    assert 25 <= begins and abs(begins - boundary) <= 4  # expected rows vs resampled rows
+    assert resumed == _epoch(data, start_row=25, rows=60)  # a position, not a timing
+    # A position in a later epoch lands at the same place in that epoch.
+    assert _epoch(data, start_row=60 + 25, rows=60) == resumed
 
 
 def test_stream_window_must_be_positive(sample_shards):

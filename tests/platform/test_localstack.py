@@ -2,7 +2,6 @@
 
 import json
 import os
-import shlex
 import socket
 import subprocess
 import sys
@@ -13,31 +12,7 @@ import pytest
 
 from kosmos_g.platform.stack import services
 from tests.conftest import REPO_ROOT
-
-KOSMOS_G = str(Path(sys.executable).parent / "kosmos-g")
-
-
-def _free_block(size: int) -> int:
-    """A base port with `size` free ports above it."""
-    for _ in range(50):
-        base = services.free_port()
-        if base + size < 65000 and not any(services.port_in_use(base + i) for i in range(1, size + 1)):
-            return base
-    raise RuntimeError("no free port block")
-
-
-def _run(*args, env=None, timeout=300):
-    return subprocess.run([KOSMOS_G, "local", *args], capture_output=True, text=True, timeout=timeout,
-                          env=env or os.environ.copy(), cwd=REPO_ROOT)
-
-
-def _parse_exports(text: str) -> dict[str, str]:
-    env = {}
-    for line in text.splitlines():
-        assert line.startswith("export "), line
-        key, value = line[len("export "):].split("=", 1)
-        env[key] = shlex.split(value)[0]
-    return env
+from tests.platform.stack_cli import RAY, free_block, parse_exports, port_overrides, run_local
 
 
 def _serve_deploy_the_shipped_config(tmp_path, env):
@@ -80,26 +55,22 @@ def _serve_deploy_the_shipped_config(tmp_path, env):
 
 def test_up_status_submit_down(tmp_path):
     state = tmp_path / "state"
-    overrides = ["--state-dir", str(state)]
-    for key, value in {"s3": services.free_port(), "seaweed_base": _free_block(10), "mlflow": services.free_port(),
-                       "ray_gcs": services.free_port(), "ray_dashboard": services.free_port(),
-                       "ray_client": services.free_port(), "ray_agent": services.free_port()}.items():
-        overrides += ["--set", f"ports.{key}={value}"]
+    overrides = ["--state-dir", str(state), *port_overrides()]
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
     try:
-        up = _run("up", *overrides, env=base_env)
+        up = run_local("up", *overrides, env=base_env)
         assert up.returncode == 0, up.stderr
         assert "[1/3] starting seaweedfs" in up.stderr and "seaweedfs  ready at http://127.0.0.1" in up.stderr
 
-        again = _run("up", *overrides, env=base_env)  # idempotent
+        again = run_local("up", *overrides, env=base_env)  # idempotent
         assert again.returncode == 0 and again.stderr.count("already running") == 3, again.stderr
 
-        status = _run("status", "--json", *overrides, env=base_env)
+        status = run_local("status", "--json", *overrides, env=base_env)
         assert status.returncode == 0
         assert all(item["ready"] for item in json.loads(status.stdout).values())
 
-        env_out = _run("env", *overrides, env=base_env)
-        exported = _parse_exports(env_out.stdout)
+        env_out = run_local("env", *overrides, env=base_env)
+        exported = parse_exports(env_out.stdout)
         for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
                     "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
             assert key in exported
@@ -108,7 +79,7 @@ def test_up_status_submit_down(tmp_path):
         script = ("import kosmos_g.platform.storage as s, os; "
                   "s.write_bytes(os.environ['KOSMOS_STORAGE_ROOT'] + '/job-probe', b'from-job'); "
                   "print('tracking=' + os.environ['MLFLOW_TRACKING_URI'])")
-        job = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--", "python", "-c", script],
+        job = subprocess.run([RAY, "job", "submit", "--", "python", "-c", script],
                              capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env={**base_env, **exported})
         assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]
         assert f"tracking={exported['MLFLOW_TRACKING_URI']}" in job.stdout
@@ -128,11 +99,11 @@ def test_up_status_submit_down(tmp_path):
 
         # Without the token the job server refuses the client.
         no_token = {**base_env, "RAY_ADDRESS": exported["RAY_ADDRESS"]}
-        refused = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list"], capture_output=True,
+        refused = subprocess.run([RAY, "job", "list"], capture_output=True,
                                  text=True, timeout=120, env=no_token, cwd=tmp_path)
         assert refused.returncode != 0
     finally:
-        down = _run("down", *overrides, env=base_env)
+        down = run_local("down", *overrides, env=base_env)
     assert down.returncode == 0, down.stderr
     saved_state = json.loads((state / "stack.json").read_text())
     assert services.tagged_processes(saved_state["stack_id"]) == []
@@ -140,7 +111,7 @@ def test_up_status_submit_down(tmp_path):
     # used to be reparented to init): no process mentions its GCS address any more.
     head = services.ray_head_pattern(saved_state["ports"]["ray_gcs"])
     assert [p.cmdline() for p in services.processes_matching(head)] == []
-    status = _run("status", *overrides, env=base_env)
+    status = run_local("status", *overrides, env=base_env)
     assert status.returncode == 1 and "stopped" in status.stdout
 
 
@@ -149,13 +120,19 @@ def test_up_fails_clearly_when_a_port_is_taken(tmp_path):
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         taken = squatter.getsockname()[1]
-        result = _run("up", "--state-dir", str(tmp_path), "--set", f"ports.s3={taken}",
-                      "--set", f"ports.seaweed_base={_free_block(10)}", timeout=120)
+        result = run_local("up", "--state-dir", str(tmp_path), "--set", f"ports.s3={taken}",
+                      "--set", f"ports.seaweed_base={free_block(10)}", timeout=120)
     assert result.returncode == 1
     assert f"port(s) already in use by another program: s3={taken}" in result.stderr
     assert "--set ports.s3=PORT" in result.stderr
 
 
 def test_bad_override_is_rejected(tmp_path):
-    result = _run("env", "--state-dir", str(tmp_path), "--set", "ports.nope=1")
+    result = run_local("env", "--state-dir", str(tmp_path), "--set", "ports.nope=1")
     assert result.returncode == 2 and "unknown key 'ports.nope'" in result.stderr
+
+
+def test_a_negative_worker_node_count_is_refused_before_anything_starts(tmp_path):
+    result = run_local("up", "--worker-nodes", "-1", "--state-dir", str(tmp_path))
+    assert result.returncode == 1 and "worker_nodes must be 0 or more, not -1" in result.stderr
+    assert not (tmp_path / "stack.json").exists()

@@ -169,6 +169,11 @@ def test_killed_worker_recovers_from_its_checkpoint(chain):
     assert sorted(set(lr_steps)) == list(range(1, 21))
     assert all(lr_steps.count(step) == 1 for step in (1, 5, 8, 12, 20))
     assert lr_steps.count(6) in (1, 2) and lr_steps.count(7) in (1, 2)
+    # The restarted workers' stream begins at the checkpoint's position (5 steps × 2 workers × 4
+    # rows), not at the epoch's first row again; each start of the workers logs where it began
+    # (a restart that must wait for resources starts, and logs, more than once: same position).
+    starts = {(m.step, m.value) for m in tracking.client().get_metric_history(results[2].run_id, "data_start_row")}
+    assert starts == {(0, 0.0), (5, 40.0)}
 
 
 def test_registered_model_matches_trained_weights(chain, tmp_path):
