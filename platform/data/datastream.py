@@ -286,7 +286,7 @@ def resume_windows(windows: list[list[dict]], start_row: int, rows: int | None) 
     starts, epoch_rows = window_starts(windows)
     if epoch_rows <= 0:
         return list(range(len(windows)))
-    epochs_done, position = divmod(float(start_row), epoch_rows)
+    position = float(start_row) % epoch_rows  # the plan repeats epoch after epoch
     first = next((i for i, start in enumerate(starts) if start >= position - 1e-6), len(windows))
     indices = list(range(first, len(windows)))
     if rows is None:
