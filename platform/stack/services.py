@@ -242,6 +242,15 @@ class RaySettings:
         return env
 
 
+def _ray_node_env(settings: RaySettings, job_env: dict[str, str], stack_id: str) -> dict[str, str]:
+    """The environment of a `ray start` (head or worker node): `job_env`, which every job driver and
+    worker inherits, the auth token settings, the stack's tag and this venv's scripts on PATH."""
+    env = {**os.environ, **job_env, **settings.client_env(), STACK_ID_VAR: stack_id}
+    env.pop("RAY_ADDRESS", None)  # `ray start` must not try to join another cluster than it is told
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
 def start_ray_head(settings: RaySettings, job_env: dict[str, str], cwd: Path, stack_id: str,
                    log_path: Path, timeout: float = 120) -> Launched:
     """`ray start --head --block` from `cwd` (a job's entrypoint runs where the head
@@ -256,10 +265,7 @@ def start_ray_head(settings: RaySettings, job_env: dict[str, str], cwd: Path, st
     ]
     if settings.num_cpus:
         command.append(f"--num-cpus={settings.num_cpus}")
-    env = {**os.environ, **job_env, **settings.client_env(), STACK_ID_VAR: stack_id}
-    env.pop("RAY_ADDRESS", None)  # `ray start` must not try to join another cluster
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    process = _spawn("ray", command, env, log_path, cwd=cwd)
+    process = _spawn("ray", command, _ray_node_env(settings, job_env, stack_id), log_path, cwd=cwd)
     wait_until(lambda: ray_ready(settings), "Ray head", timeout, process, log_path)
     return Launched("ray", process, settings.dashboard_url, log_path)
 
@@ -284,24 +290,26 @@ def start_ray_worker_node(settings: RaySettings, index: int, num_cpus: int, obje
         f"--resources={{\"kosmos_node_{index}\": 1}}",
         f"--dashboard-agent-listen-port={free_port()}", "--min-worker-port=0", "--max-worker-port=0",
     ]
-    env = {**os.environ, **job_env, **settings.client_env(), STACK_ID_VAR: stack_id}
-    env.pop("RAY_ADDRESS", None)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    process = _spawn(f"ray-worker-{index}", command, env, log_path, cwd=cwd)
+    process = _spawn(f"ray-worker-{index}", command, _ray_node_env(settings, job_env, stack_id), log_path,
+                     cwd=cwd)
     wait_until(lambda: ray_node_alive(settings, f"kosmos_node_{index}"), f"Ray worker node {index}", timeout,
                process, log_path)
     return Launched(f"ray-worker-{index}", process, settings.gcs_address, log_path)
+
+
+def dashboard_headers(settings: RaySettings) -> dict[str, str]:
+    """The bearer token the head's dashboard (and job server) wants, when auth is on."""
+    if settings.token_path and settings.token_path.exists():
+        return {"Authorization": f"Bearer {settings.token_path.read_text().strip()}"}
+    return {}
 
 
 def ray_nodes(settings: RaySettings) -> list[dict]:
     """The cluster's nodes as the dashboard reports them (node id, state, resources)."""
     import requests
 
-    headers = {}
-    if settings.token_path and settings.token_path.exists():
-        headers["Authorization"] = f"Bearer {settings.token_path.read_text().strip()}"
     answer = requests.get(f"{settings.dashboard_url}/api/v0/nodes", params={"detail": "1", "limit": "100"},
-                          headers=headers, timeout=10)
+                          headers=dashboard_headers(settings), timeout=10)
     answer.raise_for_status()
     return answer.json()["data"]["result"]["result"]
 
@@ -323,10 +331,8 @@ def ray_ready(settings: RaySettings) -> bool:
         return False
     import requests
 
-    headers = {}
-    if settings.token_path and settings.token_path.exists():
-        headers["Authorization"] = f"Bearer {settings.token_path.read_text().strip()}"
-    return requests.get(f"{settings.dashboard_url}/api/version", headers=headers, timeout=5).status_code == 200
+    return requests.get(f"{settings.dashboard_url}/api/version", headers=dashboard_headers(settings),
+                        timeout=5).status_code == 200
 
 
 # ------------------------------------------------------------------- stopping

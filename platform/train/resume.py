@@ -50,15 +50,15 @@ class StageStream:
         # One pass of the dataset covers the rest of training (a new pass restarts Ray Data's
         # operators); two batches more, for the rows a split drops when they do not fill a batch.
         start_row, rows = step * global_batch, (cfg.train.steps - step + 2) * global_batch
-        if cfg.data.shuffle == "stream":
+        positioned = cfg.data.shuffle == "stream"  # the other shuffles have no position to resume at
+        if positioned:
             print(f"[{cfg.pipeline}] data stream from row {start_row} (step {step} × {global_batch})", flush=True)
         elif step:
             print(f"[{cfg.pipeline}] data stream from the start of an epoch (data.shuffle={cfg.data.shuffle} "
                   "has no position to resume at)", flush=True)
         if self.run_id:
             try:
-                tracking.log_metrics(self.run_id, {"data_start_row": start_row if cfg.data.shuffle == "stream"
-                                                   else 0}, step)
+                tracking.log_metrics(self.run_id, {"data_start_row": start_row if positioned else 0}, step)
             except Exception as error:  # noqa: BLE001 - a tracking outage must not stop the workers' start
                 print(f"[{cfg.pipeline}] data_start_row not logged ({type(error).__name__})", flush=True)
         return training_dataset(cfg.stage, cfg.data, self.model_cfg, start_row=start_row, rows=rows)
