@@ -60,9 +60,16 @@ _HANDLES: dict[str, object] = {}
 
 def ensure_counter(name: str):
     """The counter actor called `name`, created if needed (call this on the driver;
-    it lives until `drop_counter(name)` or the end of the driver's job)."""
+    it lives until `drop_counter(name)` or the end of the driver's job). It is placed on the
+    node of the process creating it (the driver's, or Ray Train's controller beside it): on any
+    other node, that node's loss killed the counter and failed a job its training had survived."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     if name not in _HANDLES:
-        _HANDLES[name] = _counter_cls().options(name=name, namespace=NAMESPACE, get_if_exists=True).remote()
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        _HANDLES[name] = _counter_cls().options(name=name, namespace=NAMESPACE, get_if_exists=True,
+                                                scheduling_strategy=here).remote()
     return _HANDLES[name]
 
 
