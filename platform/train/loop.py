@@ -10,6 +10,7 @@ mini backbone) is the `Task` in the loop config (task.py); `cfg` needs `train` a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -155,10 +156,28 @@ def restore_checkpoint(engine) -> int:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0
-    with checkpoint.as_directory() as directory:
+    with private_copy(checkpoint) as directory:
         state = json.loads(Path(directory, STATE_FILE).read_text())
         engine.load_checkpoint(directory, tag=state["tag"])
     return int(state["step"])
+
+
+@contextlib.contextmanager
+def private_copy(checkpoint) -> Iterator[str]:
+    """The checkpoint's files in a directory only this process reads.
+
+    Ray's `Checkpoint.as_directory` shares one download per node, but a worker that
+    arrives after another's download finished downloads again into the same directory,
+    over the files the first is still loading (the CI's restarted workers failed with
+    "PytorchStreamReader failed reading file data/160"). A copy per worker costs one more
+    download per node and cannot be overwritten under its reader."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    with tempfile.TemporaryDirectory(prefix="kosmos-restore-") as directory:
+        yield checkpoint.to_directory(directory)
 
 
 def maybe_inject_failure(cfg, step: int, rank: int, marker_uri: str) -> None:
