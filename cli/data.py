@@ -1,5 +1,6 @@
-"""`kosmos-g data samples|world|subject|import-captions|import-edits`: shards in object storage
-(and a miniature-world subject image to prompt with).
+"""`kosmos-g data samples|world|subject|import-captions|import-edits|precompute`: shards in object
+storage (and a miniature-world subject image to prompt with, and a stage's precomputed teacher
+outputs or target latents beside its shards: pipelines/precompute.py).
 
 Shards land under `$KOSMOS_STORAGE_ROOT/datasets/…` by default (the local
 stack's bucket after `eval "$(kosmos-g local env)"`), where the `tiny` training
@@ -54,6 +55,16 @@ def register(subparsers) -> None:
     edits.add_argument("source")
     edits.add_argument("output")
     edits.set_defaults(func=run_import_edits)
+
+    precompute = actions.add_parser(
+        "precompute", help="a stage's CLIP-teacher outputs (--stage 2) or VAE latents (--stage 3) beside its shards")
+    precompute.add_argument("--stage", type=int, choices=[2, 3], default=3)
+    precompute.add_argument("--preset", default="tiny", help="the stage's preset (tiny, mini, paper)")
+    precompute.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="stage config override, as for the stage job (repeatable)")
+    precompute.add_argument("--force", action="store_true", help="compute again even where a complete set exists")
+    precompute.add_argument("--workers", type=int, default=1, help="encoder actors (one GPU each when present)")
+    precompute.set_defaults(func=run_precompute)
 
 
 def run_samples(args: argparse.Namespace) -> int:
@@ -119,3 +130,11 @@ def run_import_edits(args: argparse.Namespace) -> int:
     cluster.connect()
     print(import_instructpix2pix(args.source, args.output))
     return 0
+
+
+def run_precompute(args: argparse.Namespace) -> int:
+    from kosmos_g.pipelines.precompute import main
+
+    argv = ["--stage", str(args.stage), "--preset", args.preset, "--workers", str(args.workers)]
+    argv += [arg for override in args.overrides for arg in ("--set", override)]
+    return main(argv + (["--force"] if args.force else []))

@@ -167,7 +167,20 @@ class ImageDecoder(nn.Module):
     @torch.no_grad()
     def encode_latents(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """VAE posterior sample x scaling factor, for (B, 3, H, W) pixels in [-1, 1]."""
-        posterior = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+        return self.sample_latents(self.latent_moments(pixels), generator)
+
+    @torch.no_grad()
+    def latent_moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior's parameters (mean and log-variance, (B, 2C, h, w)): what
+        `pipelines/precompute.py` stores, so that training still draws a fresh sample."""
+        return self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.parameters
+
+    def sample_latents(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A posterior sample x scaling factor from `latent_moments` (the same draw as encoding
+        the pixels would give with the same generator)."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        posterior = DiagonalGaussianDistribution(moments.to(self.vae.device, self.vae.dtype))
         return posterior.sample(generator) * self.vae.config.scaling_factor
 
 

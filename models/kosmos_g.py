@@ -142,26 +142,37 @@ class KosmosG(nn.Module):
             return logits.sum() * 0.0
         return F.cross_entropy(logits[mask].float(), targets[mask])
 
-    def align_loss(self, batch: Mapping[str, Any], captions: Sequence[str]) -> dict[str, torch.Tensor]:
+    def align_loss(self, batch: Mapping[str, Any], captions: Sequence[str],
+                   teacher: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Stage 2: AlignerNet against the CLIP text teacher; the MLLM is a fixed source.
 
-        `batch` holds the MLLM tokenisation of `captions` (same order)."""
+        `batch` holds the MLLM tokenisation of `captions` (same order); `teacher`, when given, is
+        the teacher's output for them computed beforehand (`pipelines/precompute.py`)."""
         b = self._batch(batch)
         if len(captions) != b["input_ids"].shape[0]:
             raise ValueError(f"{len(captions)} captions for a batch of {b['input_ids'].shape[0]}")
         with torch.no_grad():
             source = self._mllm(b).hidden_states
-        target = self.image_decoder.text_condition(list(captions)).to(self.device)
+        if teacher is None:
+            teacher = self.image_decoder.text_condition(list(captions))
+        target = teacher.to(self.device)
         mask = self.tokenizer.condition_mask(b["input_ids"], b["attention_mask"])
         return self.aligner.losses(source, mask, target)
 
-    def diffusion_loss(self, batch: Mapping[str, Any], target_pixels: torch.Tensor,
-                       generator: torch.Generator | None = None, cond_dropout: float = 0.1) -> torch.Tensor:
+    def diffusion_loss(self, batch: Mapping[str, Any], target_pixels: torch.Tensor | None,
+                       generator: torch.Generator | None = None, cond_dropout: float = 0.1,
+                       target_moments: torch.Tensor | None = None) -> torch.Tensor:
         """Stage 3: denoising MSE through the frozen U-Net, gradients flowing into the condition.
 
-        `target_pixels`: (B, 3, H, W) in [-1, 1] (see images.vae_preprocess)."""
+        `target_pixels`: (B, 3, H, W) in [-1, 1] (see images.vae_preprocess); or instead
+        `target_moments`, their VAE posterior computed beforehand (`ImageDecoder.latent_moments`)."""
         decoder = self.image_decoder
-        latents = decoder.encode_latents(target_pixels, generator)
+        if target_moments is not None:
+            latents = decoder.sample_latents(target_moments, generator)
+        elif target_pixels is not None:
+            latents = decoder.encode_latents(target_pixels, generator)
+        else:
+            raise ValueError("stage 3 needs target_pixels or target_moments")
         n = latents.shape[0]
         rand_device = generator.device if generator is not None else latents.device
         noisy, timesteps, target = noised_latents(decoder.noise_scheduler, latents, generator)
@@ -178,15 +189,18 @@ class KosmosG(nn.Module):
 
     def forward(self, batch: Mapping[str, Any], captions: Sequence[str] | None = None,
                 target_pixels: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                cond_dropout: float = 0.1) -> dict[str, torch.Tensor]:
-        """The current stage's loss as {"loss": ...} (stage 2 adds "mse" and "rec")."""
+                cond_dropout: float = 0.1, teacher: torch.Tensor | None = None,
+                target_moments: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The current stage's loss as {"loss": ...} (stage 2 adds "mse" and "rec"). `teacher` and
+        `target_moments` are the precomputed stand-ins of the teacher on `captions` and of the
+        VAE on `target_pixels`."""
         if self.stage == 1:
             return {"loss": self.lm_loss(batch)}
         if self.stage == 2:
             if captions is None:
                 raise ValueError("stage 2 needs captions")
-            return self.align_loss(batch, captions)
-        if target_pixels is None:
+            return self.align_loss(batch, captions, teacher)
+        if target_pixels is None and target_moments is None:
             raise ValueError("stage 3 needs target_pixels")
-        return {"loss": self.diffusion_loss(batch, target_pixels, generator, cond_dropout)}
+        return {"loss": self.diffusion_loss(batch, target_pixels, generator, cond_dropout, target_moments)}
 

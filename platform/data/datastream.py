@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from kosmos_g.models.config import ModelConfig
-from kosmos_g.platform.data import shards, skips
+from kosmos_g.platform.data import precomputed, shards, skips
 from kosmos_g.platform import storage
 from kosmos_g.platform.data.examples import Preprocessor, StreamCollator, key_hash
 
@@ -54,6 +54,8 @@ BLEND_SCHEMA = pa.schema(
     [("source", pa.string()), ("draw", pa.int32())]
     + [field for field in shards.SCHEMAS["compositional"] if field.name not in ("width", "height")]
     + [field for field in shards.SCHEMAS["editing"] if field.name not in ("key", "edited_caption")]
+    # Read only from precomputed sets (platform/data/precomputed.py); null otherwise.
+    + [pa.field("teacher", pa.binary()), pa.field("target_latents", pa.binary()), pa.field("target_skip", pa.string())]
 )
 
 
@@ -100,6 +102,9 @@ class DataConfig:
     workers: int = 2  # most preprocessing actors
     num_cpus: float = 1.0  # CPUs per read task and per preprocessing actor
     skip_counter: str = "kosmos-g-datastream"  # name of the skip-count actor
+    # Stages 2 and 3: read the teacher outputs / target latents of pipelines/precompute.py when a
+    # complete set for this decoder is beside every source ("auto"), or never ("off").
+    precomputed: str = "auto"
 
     def inert_fields(self) -> tuple[str, ...]:
         """Fields without effect under the current settings (left out of fingerprints)."""
@@ -166,40 +171,59 @@ def _manifest(name: str, prefix: str) -> shards.Manifest:
     return manifest
 
 
-def _read_source(name: str, prefix: str, columns: list[str], data: DataConfig):
+def _read_source(name: str, prefix: str, columns: list[str], data: DataConfig, sibling: str | None = None):
+    """(records of one source, their count); with `sibling`, its precomputed columns joined
+    shard by shard (precomputed.read_shard), else Ray Data's parquet reader."""
     import ray
 
     manifest = _manifest(name, prefix)
     uris = manifest.shard_uris(prefix)
     filesystem, _ = storage.pyarrow_filesystem(prefix)
+    if sibling is not None:
+        items = [{"uri": uri, "sibling": other} for uri, other in precomputed.sibling_uris(prefix, sibling)]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _read_shards, fn_args=(columns, filesystem), batch_format="pyarrow", batch_size=1,
+            num_cpus=data.num_cpus)
+        return ds, manifest.count
     paths = [storage.pyarrow_path(uri) for uri in uris]
     ds = ray.data.read_parquet(paths, filesystem=filesystem, columns=columns,
                                num_cpus=data.num_cpus)
     return ds, manifest.count
 
 
+def _read_shards(batch: pa.Table, columns: list[str], filesystem) -> pa.Table:
+    return pa.concat_tables([precomputed.read_shard(uri, columns, filesystem, sibling) for uri, sibling
+                             in zip(batch.column("uri").to_pylist(), batch.column("sibling").to_pylist())])
+
+
 def blended_records(stage: int, data: DataConfig, columns: dict[str, list[str]] | None = None,
-                    start_row: int = 0, rows: int | None = None):
+                    start_row: int = 0, rows: int | None = None, siblings: dict[str, str] | None = None):
     """The resampled, shuffled shard records of a stage (before preprocessing): one row
     per example with `source`, `key`, `draw` and the raw record columns (by default the
     ones the stage needs; e.g. {"captions": ["key"], ...} to study the blend cheaply).
 
     `start_row` and `rows` (the `stream` shuffle only): begin at the first window boundary at or
     after `start_row` rows into the stream and hold `rows` rows, epoch after epoch; a resumed job
-    continues there. The other shuffles begin again at the start of an epoch."""
+    continues there. The other shuffles begin again at the start of an epoch.
+
+    `siblings` ({source: prefix}, `precomputed.find`): read each source's precomputed columns
+    with its records, and not the record columns they replace."""
     sources = stage_sources(stage, data)
-    columns = columns or STAGE_COLUMNS[stage]
+    siblings = siblings or {}
+    columns = {name: precomputed.read_columns(stage, name, list(names), name in siblings)
+               for name, names in (columns or STAGE_COLUMNS[stage]).items()}
     if data.shuffle == "stream":
-        ds = _streamed_records(sources, columns, data, start_row, rows)
+        ds = _streamed_records(sources, columns, data, start_row, rows, siblings)
     else:
-        ds = _shuffled_records(sources, columns, data)
+        ds = _shuffled_records(sources, columns, data, siblings)
     ds.context.execution_options.preserve_order = data.preserve_order
     return ds
 
 
-def _shuffled_records(sources, columns: dict[str, list[str]], data: DataConfig):
+def _shuffled_records(sources, columns: dict[str, list[str]], data: DataConfig, siblings: dict[str, str]):
     """Ray Data's parquet reader per source, resampled, unioned, then shuffled as a whole."""
-    read = {name: _read_source(name, prefix, columns[name], data) for name, prefix, _ in sources}
+    read = {name: _read_source(name, prefix, columns[name], data, siblings.get(name))
+            for name, prefix, _ in sources}
     plan = epoch_plan({name: count for name, (_, count) in read.items()},
                       {name: weight for name, _, weight in sources}, data.samples_per_epoch)
     parts = []
@@ -216,7 +240,7 @@ def _shuffled_records(sources, columns: dict[str, list[str]], data: DataConfig):
     return ds
 
 
-def stream_windows(sources, data: DataConfig) -> list[list[dict]]:
+def stream_windows(sources, data: DataConfig, siblings: dict[str, str] | None = None) -> list[list[dict]]:
     """The read plan of one epoch: windows of `shuffle_window` shards, each shard a dict of
     (source, uri, count, target). Each source's shards are permuted with the seed, then all
     are merged by how far into its source each shard lies, so every stretch of the epoch
@@ -235,7 +259,9 @@ def stream_windows(sources, data: DataConfig) -> list[list[dict]]:
             rows = int(manifest.shards[index]["rows"])
             middle = (done + rows / 2) / manifest.count  # how far into its source this shard lies
             placed.append((middle, order, {"source": name, "uri": uris[index], "rows": rows,
-                                           "count": manifest.count, "target": plan[name]}))
+                                           "count": manifest.count, "target": plan[name],
+                                           "sibling": storage.join(siblings[name], manifest.shards[index]["path"])
+                                           if name in (siblings or {}) else None}))
             done += rows
     merged = [shard for _, _, shard in sorted(placed, key=lambda item: item[:2])]
     return [merged[i:i + data.shuffle_window] for i in range(0, len(merged), data.shuffle_window)]
@@ -252,13 +278,11 @@ def read_window(batch: pa.Table, columns: dict[str, list[str]], seed: int, files
     in blocks of STREAM_BLOCK_ROWS."""
     import json
 
-    import pyarrow.parquet as pq
-
     for window, plan in zip(batch.column("window").to_pylist(), batch.column("shards").to_pylist()):
         parts = []
         for shard in json.loads(plan):
-            filesystem, path = filesystems[shard["source"]], storage.pyarrow_path(shard["uri"])
-            table = pq.read_table(path, filesystem=filesystem, columns=columns[shard["source"]])
+            table = precomputed.read_shard(shard["uri"], columns[shard["source"]], filesystems[shard["source"]],
+                                           shard.get("sibling"))
             parts.append(resample(table, shard["source"], shard["count"], shard["target"], seed))
         records = pa.concat_tables(parts)
         order = np.random.default_rng([seed, window]).permutation(records.num_rows)
@@ -299,14 +323,14 @@ def resume_windows(windows: list[list[dict]], start_row: int, rows: int | None) 
 
 
 def _streamed_records(sources, columns: dict[str, list[str]], data: DataConfig, start_row: int = 0,
-                      rows: int | None = None):
+                      rows: int | None = None, siblings: dict[str, str] | None = None):
     """`stream_windows` as a dataset of windows, read by tasks that resample and shuffle each;
     from `start_row` on and for `rows` rows (see `resume_windows`)."""
     import json
 
     import ray
 
-    windows = stream_windows(sources, data)
+    windows = stream_windows(sources, data, siblings)
     order = resume_windows(windows, start_row, rows) if (start_row or rows) else range(len(windows))
     items = [{"window": i, "shards": json.dumps(windows[i])} for i in order]
     filesystems = {name: storage.pyarrow_filesystem(prefix)[0] for name, prefix, _ in sources}
@@ -327,13 +351,13 @@ def _pool(data: DataConfig):
 
 
 def training_dataset(stage: int, data: DataConfig, model: ModelConfig, start_row: int = 0,
-                     rows: int | None = None):
+                     rows: int | None = None, siblings: dict[str, str] | None = None):
     """A `ray.data.Dataset` of preprocessed examples for `stage`; batch it with
     `iter_torch_batches(collate_fn=collate_fn(stage, model))`. Skipped records are
-    counted under `data.skip_counter` (see `skip_counts`); `start_row` and `rows` as in
-    `blended_records`."""
+    counted under `data.skip_counter` (see `skip_counts`); `start_row`, `rows` and `siblings`
+    as in `blended_records`."""
     skips.ensure_counter(data.skip_counter)
-    ds = blended_records(stage, data, start_row=start_row, rows=rows)
+    ds = blended_records(stage, data, start_row=start_row, rows=rows, siblings=siblings)
     ds = ds.map_batches(
         Preprocessor, fn_constructor_kwargs={"stage": stage, "data": data, "model": model},
         batch_format="pyarrow", batch_size=data.batch_size, num_cpus=data.num_cpus, compute=_pool(data),

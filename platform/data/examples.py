@@ -43,6 +43,10 @@ OUTPUT_SCHEMA = pa.schema([
     ("clip_pixels", pa.binary()),  # uint8 (n_images, 3, S, S), S = mllm.vision.image_size
     ("caption", pa.string()),
     ("target_pixels", pa.binary()),  # uint8 (3, H, H), H = image_decoder.image_size; stage 3
+    # Precomputed (pipelines/precompute.py), as .npy bytes: the teacher's output on `caption`
+    # (stage 2) and the VAE posterior of the target (stage 3) instead of `target_pixels`.
+    ("teacher", pa.binary()),
+    ("target_latents", pa.binary()),
     # What the augmentations did (for monitoring and the probability tests).
     ("n_entities", pa.int32()),
     ("n_entity_text_dropped", pa.int32()),
@@ -94,6 +98,26 @@ def _entity_span(caption: str, entity: dict) -> tuple[int, int, dict] | None:
     return (start, end, entity) if start >= 0 else None
 
 
+def decode(data: bytes | None, size: int, fast: bool = True) -> Any:
+    """A record's image (PIL), decoded at reduced scale when `fast` and it is larger than
+    `size`; a missing or broken one is a SkipRecord."""
+    if data is None:
+        raise SkipRecord("missing_field", "image")
+    try:
+        return imaging.decode_image(data, min_side=size if fast else None)
+    except imaging.ImageDecodeError as error:
+        raise SkipRecord("decode_error", str(error)) from error
+
+
+def target_pixels(data: bytes | None, size: int, min_side: int = 0, fast: bool = True) -> bytes:
+    """A stage-3 target as uint8 (3, size, size) bytes; shorter than `min_side` is a SkipRecord.
+    The training stream and pipelines/precompute.py both make their targets here."""
+    image = decode(data, max(size, min_side), fast)
+    if min(image.size) < min_side:
+        raise SkipRecord("too_small", f"{image.size}")
+    return np.asarray(resize_center_crop(image, size)).transpose(2, 0, 1).tobytes()
+
+
 class Preprocessor:
     """Ray Data UDF: blended shard rows (pyarrow) -> example rows (OUTPUT_SCHEMA)."""
 
@@ -110,21 +134,18 @@ class Preprocessor:
     # ---------------------------------------------------------------- images
 
     def _decode(self, data: bytes | None, size: int) -> Any:
-        if data is None:
-            raise SkipRecord("missing_field", "image")
-        try:
-            return imaging.decode_image(data, min_side=size if self.data.fast_decode else None)
-        except imaging.ImageDecodeError as error:
-            raise SkipRecord("decode_error", str(error)) from error
+        return decode(data, size, self.data.fast_decode)
 
     def _clip_image(self, data: bytes | None):
         return self._decode(data, self.clip_size)
 
-    def _target(self, data: bytes | None) -> bytes:
-        image = self._decode(data, max(self.vae_size, self.data.min_image_side))
-        if min(image.size) < self.data.min_image_side:
-            raise SkipRecord("too_small", f"{image.size}")
-        return np.asarray(resize_center_crop(image, self.vae_size)).transpose(2, 0, 1).tobytes()
+    def _target(self, row: dict, column: str) -> tuple[bytes | None, bytes | None]:
+        """(uint8 target pixels, None), or (None, precomputed VAE posterior) when the row has one."""
+        if row.get("target_latents") is not None:
+            return None, row["target_latents"]
+        if row.get("target_skip"):  # precompute skipped it, for the reason it kept
+            raise SkipRecord(row["target_skip"], "(precomputed)")
+        return target_pixels(row.get(column), self.vae_size, self.data.min_image_side, self.data.fast_decode), None
 
     # -------------------------------------------------------------- segments
 
@@ -185,24 +206,25 @@ class Preprocessor:
         if len(self.clip_tokenizer.tokenize(caption)) > self.data.stage2_max_clip_tokens:
             raise SkipRecord("caption_too_long_for_clip", f"over {self.data.stage2_max_clip_tokens} CLIP tokens")
 
-    def _segments(self, source: str, row: dict, rng: np.random.Generator, info: dict) -> tuple[list, bytes | None, str]:
-        """(prompt segments, target pixels or None, caption text) for one record."""
+    def _segments(self, source: str, row: dict, rng: np.random.Generator, info: dict) -> tuple[list, tuple, str]:
+        """(prompt segments, (target pixels, target latents) as `_target` or (None, None), caption
+        text) for one record."""
         stage, data = self.stage, self.data
         if stage == 2:
             caption = _text(row, "caption")
             self._check_caption_lengths(caption)
-            return [caption], None, caption
+            return [caption], (None, None), caption
         if source == "captions":
             caption = _text(row, "caption")
             if stage == 1:
                 if rng.random() < data.stage1_text_only_p:
-                    return [caption], None, caption
-                return [self._clip_image(row.get("image")), caption], None, caption
-            return [caption], self._target(row.get("image")), caption
+                    return [caption], (None, None), caption
+                return [self._clip_image(row.get("image")), caption], (None, None), caption
+            return [caption], self._target(row, "image"), caption
         if source == "compositional":
             drop_p = data.drop_entity_text_p if stage == 3 else 0.0
             segments = self._compositional(row, rng, drop_p, info)
-            target = self._target(row.get("image")) if stage == 3 else None
+            target = self._target(row, "image") if stage == 3 else (None, None)
             return segments, target, row["caption"]
         # editing (stage 3 only): "<s> caption <image> input </image> instruction </s>"
         instruction = _text(row, "instruction")
@@ -210,7 +232,7 @@ class Preprocessor:
         info["input_caption_dropped"] = bool(rng.random() < data.drop_input_caption_p) or not caption.strip()
         segments = ([] if info["input_caption_dropped"] else [caption])
         segments += [self._clip_image(row.get("input_image")), instruction]
-        return segments, self._target(row.get("edited_image")), caption
+        return segments, self._target(row, "edited_image"), caption
 
     # ------------------------------------------------------------------ rows
 
@@ -218,7 +240,7 @@ class Preprocessor:
         source, key, draw = row["source"], row["key"], int(row["draw"])
         rng = example_rng(self.data.seed, self.stage, source, key, draw)
         info = {"n_entities": 0, "n_entity_text_dropped": 0, "n_background_kept": 0, "input_caption_dropped": False}
-        segments, target, caption = self._segments(source, row, rng, info)
+        segments, (target, latents), caption = self._segments(source, row, rng, info)
         encoded = self.tokenizer.encode(segments)
         n_images = int(encoded["image_mask"].sum()) // self.tokenizer.image_tokens
         images = [s for s in segments if not isinstance(s, str)][:n_images]
@@ -228,7 +250,8 @@ class Preprocessor:
             "source": source, "key": key, "draw": draw,
             "input_ids": encoded["input_ids"].astype(np.int32), "image_mask": encoded["image_mask"],
             "loss_mask": encoded["loss_mask"], "n_images": n_images, "clip_pixels": pixels,
-            "caption": caption, "target_pixels": target, **info,
+            "caption": caption, "target_pixels": target, "target_latents": latents,
+            "teacher": row.get("teacher") if self.stage == 2 else None, **info,
             "doc_lengths": [len(encoded["input_ids"])],
         }
 
@@ -298,9 +321,24 @@ class StreamCollator(NumpyBatchCollateFn):
             out["document_ids"] = torch.from_numpy(document_ids(lengths, out["input_ids"].shape[1]))
         if self.stage == 2:
             out["captions"] = [str(caption) for caption in batch["caption"]]
-        if self.stage == 3:
+            if _all_present(batch, "teacher"):
+                out["teacher"] = _stacked(batch["teacher"])
+        if self.stage == 3 and _all_present(batch, "target_latents"):
+            out["target_moments"] = _stacked(batch["target_latents"])
+        elif self.stage == 3:
             size = self.vae_size
             targets = np.stack([np.frombuffer(raw, dtype=np.uint8).reshape(3, size, size)
                                 for raw in batch["target_pixels"]])
             out["target_pixels"] = torch.from_numpy(targets).float() / 255.0 * 2.0 - 1.0
         return out
+
+
+def _all_present(batch: dict[str, np.ndarray], column: str) -> bool:
+    return column in batch and all(value is not None for value in batch[column])
+
+
+def _stacked(values) -> torch.Tensor:
+    """.npy bytes per row (precompute.py) -> one (B, ...) tensor of their dtype."""
+    import io
+
+    return torch.from_numpy(np.stack([np.load(io.BytesIO(raw)) for raw in values]))

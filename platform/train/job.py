@@ -52,7 +52,8 @@ def resolve_init(cfg: StageConfig) -> str | None:
 
 # What does not decide a stage's weights: names, locations, switches, reserved CPUs, the evaluation.
 NOT_DECIDING = ("name", "storage_path", "register", "force", "sample_grid", "allow_random", "eval",
-                "train.cpus_per_worker", "train.placement_strategy", "data.num_cpus")
+                "train.cpus_per_worker", "train.placement_strategy", "data.num_cpus",
+                "data.precomputed")  # the same losses either way (tests/data/test_precompute.py)
 
 
 def registered_result(cfg: StageConfig, config_hash: str) -> StageResult | None:
@@ -101,6 +102,35 @@ def model_config_for(cfg: StageConfig, init_uri: str | None):
     from kosmos_g.models.checkpoint import load_config
 
     return load_config(tracking.resolve_artifacts(init_uri))
+
+
+def decoder_identity(model_cfg, init_uri: str | None) -> str:
+    """Where the frozen image decoder's weights come from, as a name that stays the same across
+    machines: its pretrained path, the bundle it travels in (random tiny decoders), or random."""
+    path = model_cfg.image_decoder.pretrained_path
+    if init_uri is not None and (path is None or path.startswith(str(tracking.resolve_artifacts(init_uri)))):
+        return f"{init_uri}#image_decoder"
+    return path or "random"
+
+
+def precomputed_siblings(cfg: StageConfig, model_cfg, init_uri: str | None) -> dict[str, str]:
+    """{source: prefix} of the stage's precomputed teacher outputs / latents
+    (pipelines/precompute.py) when every source has a current set; {} otherwise."""
+    from kosmos_g.platform.data import precomputed
+    from kosmos_g.platform.data.datastream import stage_sources
+
+    if cfg.data.precomputed not in ("auto", "off"):
+        raise ConfigError(f"data.precomputed must be 'auto' or 'off', got {cfg.data.precomputed!r}")
+    if cfg.stage not in precomputed.KINDS or cfg.data.precomputed == "off":
+        return {}
+    key = precomputed.precompute_key(cfg.stage, model_cfg, decoder_identity(model_cfg, init_uri), cfg.data)
+    sources = [(name, prefix) for name, prefix, _ in stage_sources(cfg.stage, cfg.data)]
+    found = precomputed.find(sources, key)
+    what = precomputed.KINDS[cfg.stage]
+    print(f"[{cfg.pipeline}] precomputed {what} ({key}): "
+          + ("read for " + ", ".join(found) if found else "not beside every source: computed in the step "
+             "(pipelines/precompute.py makes them)"), flush=True)
+    return found
 
 
 def ensure_sample_data(cfg: StageConfig) -> None:
@@ -175,7 +205,9 @@ def fit(cfg: StageConfig, init_uri: str | None, run_id: str):
     # One skip counter per job, so concurrent jobs do not mix their counts.
     cfg.data.skip_counter = f"skips-{cfg.name}"
     # Built by Ray Train at every start of the workers, from the last registered checkpoint on.
-    dataset = StageStream(cfg, model_cfg, run_id)
+    siblings = precomputed_siblings(cfg, model_cfg, init_uri)
+    tracking.set_tags(run_id, {"precomputed": ",".join(siblings) or "none"})
+    dataset = StageStream(cfg, model_cfg, run_id, siblings)
     return run_trainer(cfg, StageTask(cfg.stage), dataset, collate_fn(cfg.stage, model_cfg), init_uri, run_id)
 
 

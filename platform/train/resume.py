@@ -36,8 +36,9 @@ class StageStream:
     Rows are counted before packing: `step × batch_size × num_workers` stream rows are taken
     as consumed (stage 1 packs several rows into one sequence, so there it is a lower bound)."""
 
-    def __init__(self, cfg, model_cfg, run_id: str | None):
+    def __init__(self, cfg, model_cfg, run_id: str | None, siblings: dict[str, str] | None = None):
         self.cfg, self.model_cfg, self.run_id = cfg, model_cfg, run_id
+        self.siblings = siblings or {}  # precomputed columns (platform/data/precomputed.py)
 
     def __call__(self):
         from kosmos_g.platform.data.datastream import training_dataset
@@ -61,4 +62,5 @@ class StageStream:
                 tracking.log_metrics(self.run_id, {"data_start_row": start_row if positioned else 0}, step)
             except Exception as error:  # noqa: BLE001 - a tracking outage must not stop the workers' start
                 print(f"[{cfg.pipeline}] data_start_row not logged ({type(error).__name__})", flush=True)
-        return training_dataset(cfg.stage, cfg.data, self.model_cfg, start_row=start_row, rows=rows)
+        return training_dataset(cfg.stage, cfg.data, self.model_cfg, start_row=start_row, rows=rows,
+                                siblings=self.siblings)

@@ -82,7 +82,8 @@ class StageTask(Task):
     def losses(self, model, batch, cfg, generator=None, training=True):
         return model({k: batch[k] for k in MODEL_KEYS}, captions=batch.get("captions"),
                      target_pixels=batch.get("target_pixels"), generator=generator,
-                     cond_dropout=cfg.train.cond_dropout if training else 0.0)
+                     cond_dropout=cfg.train.cond_dropout if training else 0.0,
+                     teacher=batch.get("teacher"), target_moments=batch.get("target_moments"))
 
     def save_bundle(self, model, directory):
         from kosmos_g.models.checkpoint import save_servable
