@@ -3,6 +3,13 @@ single-process PyTorch loop, on the same tiny model and the same data stream,
 measured in one run.
 
     .venv/bin/python bench/train_overhead.py [--steps 40] [--stage 3] [--size tiny|larger] [--set k=v]
+    .venv/bin/python bench/train_overhead.py --fair --size larger   # the trainer alone, like for like
+
+`--fair` compares like with like: one Ray Train worker with the plain loop's intra-op threads
+(all the machine's cores; Ray is started with that many more logical CPUs so the stream's tasks
+still get scheduled), the plain loop pinned to the same thread count, and both reading the same
+stream materialised in Ray's object store beforehand, so neither waits for preprocessing and
+the ratio is the trainer's own cost (Ray Train, DeepSpeed, metrics, checkpoints) per step.
 
 Prints steps/s of each (steady state, after the first logged window), their
 ratio, the wall-clock time including start-up, and the fraction of step time
@@ -46,9 +53,12 @@ def stage_config(stage: int, steps: int, workers: int, overrides: list[str] | No
     return cfg
 
 
-def plain_loop(cfg) -> dict[str, float]:
-    """One process, torch.optim.AdamW, batches from the same Ray Data stream."""
+def plain_loop(cfg, dataset=None, threads: int | None = None) -> dict[str, float]:
+    """One process, torch.optim.AdamW, batches from the same Ray Data stream (or `dataset`)."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from kosmos_g.models.kosmos_g import KosmosG
     from kosmos_g.platform.data.datastream import collate_fn, training_dataset
@@ -62,7 +72,7 @@ def plain_loop(cfg) -> dict[str, float]:
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
-    dataset = training_dataset(cfg.stage, cfg.data, cfg.model)
+    dataset = dataset if dataset is not None else training_dataset(cfg.stage, cfg.data, cfg.model)
 
     def endless():
         # The stream's epoch is finite (samples_per_epoch); pass over it as often as the run
@@ -93,15 +103,25 @@ def plain_loop(cfg) -> dict[str, float]:
             "data_wait_fraction": waited / (ended - started)}
 
 
-def ray_train_loop(cfg) -> dict[str, float]:
+def ray_train_loop(cfg, dataset=None) -> dict[str, float]:
+    """The stage job (`run_stage`); with `dataset`, its trainer (`run_trainer`) on that dataset."""
     from kosmos_g.platform import tracking
-    from kosmos_g.platform.train.job import run_stage
+    from kosmos_g.platform.data.datastream import collate_fn
+    from kosmos_g.platform.train.job import run_stage, run_trainer
+    from kosmos_g.platform.train.task import StageTask
 
     started = time.perf_counter()
-    result = run_stage(cfg)
+    if dataset is None:
+        run_id = run_stage(cfg).run_id
+    else:
+        run_id, _ = tracking.start_run(cfg.pipeline, cfg.name, cfg)
+        result = run_trainer(cfg, StageTask(cfg.stage), dataset, collate_fn(cfg.stage, cfg.model), None, run_id)
+        tracking.end_run(run_id, "FAILED" if result.error else "FINISHED")
+        if result.error:
+            raise result.error
     wall = time.perf_counter() - started
-    history = tracking.client().get_metric_history(result.run_id, "samples_per_s")
-    waits = tracking.client().get_metric_history(result.run_id, "data_wait_fraction")
+    history = tracking.client().get_metric_history(run_id, "samples_per_s")
+    waits = tracking.client().get_metric_history(run_id, "data_wait_fraction")
     steady = [m.value for m in history if m.step > cfg.train.log_every]
     samples_per_step = cfg.train.batch_size * cfg.train.num_workers
     return {"steps_per_s": sum(steady) / len(steady) / samples_per_step, "wall_s": wall,
@@ -117,19 +137,32 @@ def main(argv: list[str] | None = None) -> int:
                         help="'larger': a wider MLLM so that one step takes >= 0.5 s on 2 cores")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra stage-config overrides (repeatable)")
+    parser.add_argument("--fair", action="store_true",
+                        help="one worker with the plain loop's threads, both on the same materialised stream")
     args = parser.parse_args(argv)
     overrides = (LARGER if args.size == "larger" else []) + args.overrides
+    threads = os.cpu_count() or 1
+    if args.fair:
+        args.workers = 1
+        overrides = [f"train.cpus_per_worker={threads}", "data.samples_per_epoch=64"] + overrides
     with tempfile.TemporaryDirectory(prefix="kosmos-bench-") as workdir:
         prepare_environment(workdir)
         from kosmos_g.platform.stack import cluster
 
-        cluster.connect()
+        # --fair: the worker reserves every core; the stream's tasks need logical CPUs beside it.
+        cluster.connect(num_cpus=2 * threads if args.fair else None)
         cfg = stage_config(args.stage, args.steps, args.workers, overrides)
-        plain = plain_loop(cfg)
-        ray_train = ray_train_loop(cfg)
+        dataset = None
+        if args.fair:
+            from kosmos_g.platform.data.datastream import training_dataset
+
+            dataset = training_dataset(cfg.stage, cfg.data, cfg.model).materialize()
+        plain = plain_loop(cfg, dataset, threads if args.fair else None)
+        ray_train = ray_train_loop(cfg, dataset)
     global_batch = cfg.train.batch_size * cfg.train.num_workers
     print(f"stage {args.stage}, {args.size} model, {args.steps} steps, global batch {global_batch}, "
-          f"{args.workers} Ray Train workers × {cfg.train.cpus_per_worker} CPU, {os.cpu_count()} cores")
+          f"{args.workers} Ray Train workers × {cfg.train.cpus_per_worker} CPU, {os.cpu_count()} cores"
+          + (f"; fair: 1 process × {threads} threads each side, stream materialised first" if args.fair else ""))
     print(f"plain PyTorch loop (1 process):  {plain['steps_per_s']:.2f} steps/s steady, "
           f"{plain['wall_s']:.1f} s wall, data wait {plain['data_wait_fraction']:.0%}")
     print(f"Ray Train + DeepSpeed:           {ray_train['steps_per_s']:.2f} steps/s steady, "

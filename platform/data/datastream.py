@@ -107,8 +107,9 @@ class DataConfig:
     precomputed: str = "auto"
 
     def inert_fields(self) -> tuple[str, ...]:
-        """Fields without effect under the current settings (left out of fingerprints)."""
-        return () if self.shuffle == "stream" else ("shuffle_window",)
+        """Fields without effect under the current settings (left out of fingerprints).
+        `precomputed` never has one on the weights: the losses are the same either way."""
+        return ("precomputed",) + (() if self.shuffle == "stream" else ("shuffle_window",))
 
 
 def stage_sources(stage: int, data: DataConfig) -> list[tuple[str, str, float]]:

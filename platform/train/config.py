@@ -51,6 +51,9 @@ class TrainConfig:
     precision: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; or "fp32" / "bf16"
     checkpoint_every: int = 1000
     log_every: int = 10
+    # Steps between the fixed-batch `eval_loss` (4 forward passes on rank 0, which the other
+    # ranks wait for); 0: at step 0, at every checkpoint and at the end.
+    eval_every: int = 0
     max_failures: int = 3
     seed: int = 0
     cond_dropout: float = 0.1  # stage 3 classifier-free-guidance dropout
@@ -60,6 +63,10 @@ class TrainConfig:
     # Fault-injection for tests: this worker rank exits hard once at this step.
     fail_at_step: int = -1
     fail_rank: int = 1
+
+    def inert_fields(self) -> tuple[str, ...]:
+        """Left out of fingerprints: how often the eval loss is measured decides no weight."""
+        return ("eval_every",)
 
 
 @dataclass
@@ -129,6 +136,8 @@ class StageConfig:
         for key in ("steps", "batch_size", "num_workers", "checkpoint_every", "log_every"):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f"train.{key} must be at least 1")
+        if self.train.eval_every < 0:
+            raise ConfigError("train.eval_every must be 0 (at checkpoints) or a number of steps")
         if self.train.placement_strategy not in PLACEMENT_STRATEGIES:
             raise ConfigError(f"train.placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
                               f"got {self.train.placement_strategy!r}")

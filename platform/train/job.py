@@ -52,8 +52,7 @@ def resolve_init(cfg: StageConfig) -> str | None:
 
 # What does not decide a stage's weights: names, locations, switches, reserved CPUs, the evaluation.
 NOT_DECIDING = ("name", "storage_path", "register", "force", "sample_grid", "allow_random", "eval",
-                "train.cpus_per_worker", "train.placement_strategy", "data.num_cpus",
-                "data.precomputed")  # the same losses either way (tests/data/test_precompute.py)
+                "train.cpus_per_worker", "train.placement_strategy", "data.num_cpus")
 
 
 def registered_result(cfg: StageConfig, config_hash: str) -> StageResult | None:
