@@ -214,7 +214,7 @@ def run_trainer(cfg, task, dataset, collate, init_uri: str | None, run_id: str |
     """Ray Train's TorchTrainer running the shared loop for `task` over `dataset` (a Ray Dataset,
     or a callable Ray Train calls for one at every start of the workers). `cfg` needs
     `name`, `train`, `optim` and `resolved_storage_path()` (StageConfig, BackboneConfig)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage_path, filesystem = _storage(cfg)
@@ -232,6 +232,9 @@ def run_trainer(cfg, task, dataset, collate, init_uri: str | None, run_id: str |
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": dataset},
+        # One worker reads the stream itself: a split would route every block through a
+        # coordinator actor for nothing to share.
+        dataset_config=DataConfig(datasets_to_split=[] if cfg.train.num_workers == 1 else "all"),
     )
     return trainer.fit()
 
