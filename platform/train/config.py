@@ -136,6 +136,8 @@ class StageConfig:
         for key in ("steps", "batch_size", "num_workers", "checkpoint_every", "log_every"):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f"train.{key} must be at least 1")
+        if self.data.precomputed not in ("auto", "off"):
+            raise ConfigError(f"data.precomputed must be 'auto' or 'off', got {self.data.precomputed!r}")
         if self.train.eval_every < 0:
             raise ConfigError("train.eval_every must be 0 (at checkpoints) or a number of steps")
         if self.train.placement_strategy not in PLACEMENT_STRATEGIES:

@@ -118,8 +118,6 @@ def precomputed_siblings(cfg: StageConfig, model_cfg, init_uri: str | None) -> d
     from kosmos_g.platform.data import precomputed
     from kosmos_g.platform.data.datastream import stage_sources
 
-    if cfg.data.precomputed not in ("auto", "off"):
-        raise ConfigError(f"data.precomputed must be 'auto' or 'off', got {cfg.data.precomputed!r}")
     if cfg.stage not in precomputed.KINDS or cfg.data.precomputed == "off":
         return {}
     key = precomputed.precompute_key(cfg.stage, model_cfg, decoder_identity(model_cfg, init_uri), cfg.data)

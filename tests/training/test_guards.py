@@ -76,3 +76,11 @@ def test_stage2_ablation_builds_a_fresh_aligner_and_keeps_the_mllm(tmp_path):
     same = StageTask(2).build(stage_presets(2).get("tiny"), str(bundle), cpu)
     for name, value in stage1.aligner.state_dict().items():
         assert torch.equal(same.aligner.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("override, message", [("data.precomputed=maybe", "'auto' or 'off'"),
+                                                ("train.eval_every=-1", "eval_every")])
+def test_bad_precompute_and_eval_settings_are_refused_before_anything_runs(override, message):
+    cfg = stage_presets(3).get("tiny", [override])
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
