@@ -9,8 +9,9 @@ and 1/4 for shapes.
 
     .venv/bin/python bench/mini_sweep.py                      # ≈ 75 min on 1 core
     .venv/bin/python bench/mini_sweep.py --unet-steps 200 --recipes v_zero_pooled   # smoke
-    .venv/bin/python bench/mini_sweep.py --score-decoder models:/kosmos-g-mini-decoder/1
-        # the same scoring for a decoder the platform job registered (SD diffusers folder)
+    .venv/bin/python bench/mini_sweep.py --score-decoder models:/kosmos-g-mini-decoder/1 [--split held_out]
+        # the same scoring for a decoder the platform job registered (SD diffusers folder); held_out:
+        # colour/background pairs no training image shows, the pairs the Kosmos-G evaluation asks for
 """
 
 from __future__ import annotations
@@ -99,17 +100,19 @@ def score(images: torch.Tensor, prompts: list[tuple[str, str, str]]) -> dict[str
     return {k: v / len(prompts) for k, v in hits.items()}
 
 
-def eval_prompts(count: int, seed: int) -> list[tuple[str, str, str]]:
+def eval_prompts(count: int, seed: int, split: str = "train") -> list[tuple[str, str, str]]:
+    """(colour, shape, background) prompts: of the training split, or only held-out pairs (the
+    background the colour never appears on in any training data, as the Kosmos-G evaluation asks)."""
     rng = np.random.default_rng(seed)
     prompts = []
     while len(prompts) < count:
         colour, background = rng.choice(world.COLOURS, 2, replace=False)
-        if world.held_out_background(colour) != background:
+        if (world.held_out_background(colour) == background) == (split == "held_out"):
             prompts.append((str(colour), str(rng.choice(world.SHAPES)), str(background)))
     return prompts
 
 
-def score_decoder(uri: str, count: int, threads: int) -> dict[str, float]:
+def score_decoder(uri: str, count: int, threads: int, split: str = "train", guidance: float = 4.0) -> dict[str, float]:
     """Text-to-image accuracy of a registered (or local) mini decoder in SD's diffusers layout."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -123,12 +126,12 @@ def score_decoder(uri: str, count: int, threads: int) -> dict[str, float]:
     text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").eval()
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     tokenizer = build_clip_tokenizer()
-    prompts = eval_prompts(count, 1)
+    prompts = eval_prompts(count, 1, split)
     tokens = tokenizer([f"a {c} {s} on a {b} background" for c, s, b in prompts] + [""], padding="max_length",
                        max_length=77, truncation=True, return_tensors="pt")
     with torch.no_grad():
         hidden = text(input_ids=tokens.input_ids).last_hidden_state
-    images = sample(unet, vae, scheduler.config, hidden[:-1], hidden[-1:], 25, 4.0, 0)
+    images = sample(unet, vae, scheduler.config, hidden[:-1], hidden[-1:], 25, guidance, 0)
     return score(images, prompts)
 
 
@@ -144,10 +147,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="bench/results/mini_sweep.json")
     parser.add_argument("--score-decoder", metavar="URI", help="only score this registered/local decoder")
+    parser.add_argument("--split", choices=("train", "held_out"), default="train",
+                        help="with --score-decoder: prompts of the training split or held-out colour/background pairs")
+    parser.add_argument("--guidance", type=float, default=4.0, help="with --score-decoder: classifier-free guidance")
     args = parser.parse_args(argv)
     if args.score_decoder:
-        result = score_decoder(args.score_decoder, args.eval_prompts, args.threads)
-        print(f"{args.score_decoder}: colour {result['colour']:.2f} shape {result['shape']:.2f} "
+        result = score_decoder(args.score_decoder, args.eval_prompts, args.threads, args.split, args.guidance)
+        print(f"{args.score_decoder} ({args.split}, guidance {args.guidance:g}): colour {result['colour']:.2f} shape {result['shape']:.2f} "
               f"background {result['background']:.2f} (chance 0.125 / 0.25 / 0.125)")
         return result
     torch.set_num_threads(args.threads)

@@ -87,7 +87,7 @@ class ShardEncoder:
                     for row in records]
         outputs: list[bytes | None] = [None] * len(records)
         for chunk in self._chunks([i for i, caption in enumerate(captions) if caption is not None]):
-            states = self.decoder.text_condition([captions[i] for i in chunk]).cpu().numpy()
+            states = self.decoder.text_condition([captions[i] for i in chunk]).float().cpu().numpy()
             for i, state in zip(chunk, states):
                 outputs[i] = npy(state)
         skipped = sum(value is None for value in outputs)
@@ -116,8 +116,7 @@ class ShardEncoder:
             uint8 = np.stack([np.frombuffer(pixels[i], np.uint8).reshape(3, size, size) for i in chunk])
             # The same conversion as the stream's collator (examples.StreamCollator).
             moments = self.decoder.latent_moments(torch.from_numpy(uint8).float() / 255.0 * 2.0 - 1.0)
-            for i, moment in zip(chunk, moments.float().cpu().numpy() if moments.dtype == torch.bfloat16
-                                 else moments.cpu().numpy()):
+            for i, moment in zip(chunk, moments.float().cpu().numpy()):  # numpy has no bfloat16
                 outputs[i] = npy(moment)
         return {"key": [row["key"] for row in records], "target_latents": pa.array(outputs, pa.binary()),
                 "target_skip": pa.array(reasons, pa.string())}, sum(r is not None for r in reasons)
@@ -126,7 +125,6 @@ class ShardEncoder:
 def encode_source(cfg, init_uri, source: str, prefix: str, key: str, identity: str, args) -> dict[str, int]:
     """Every shard of one source through the actor pool; the set's manifest once all are written."""
     import ray
-    import torch  # noqa: F401  (the actors need it; fail here, on the driver, if it is missing)
 
     pairs = precomputed.sibling_uris(prefix, precomputed.prefix_for(prefix, key))
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
