@@ -9,9 +9,10 @@ and 1/4 for shapes.
 
     .venv/bin/python bench/mini_sweep.py                      # ≈ 75 min on 1 core
     .venv/bin/python bench/mini_sweep.py --unet-steps 200 --recipes v_zero_pooled   # smoke
-    .venv/bin/python bench/mini_sweep.py --score-decoder models:/kosmos-g-mini-decoder/1 [--split held_out]
+    .venv/bin/python bench/mini_sweep.py --score-decoder models:/kosmos-g-mini-decoder/1 [--split held_out|cases]
         # the same scoring for a decoder the platform job registered (SD diffusers folder); held_out:
-        # colour/background pairs no training image shows, the pairs the Kosmos-G evaluation asks for
+        # colour/background pairs no training image shows; cases: the world evaluation's own held-out
+        # cases (one and two subjects) asked in words, a ceiling for the image-prompted model
 """
 
 from __future__ import annotations
@@ -112,26 +113,52 @@ def eval_prompts(count: int, seed: int, split: str = "train") -> list[tuple[str,
     return prompts
 
 
-def score_decoder(uri: str, count: int, threads: int, split: str = "train", guidance: float = 4.0) -> dict[str, float]:
-    """Text-to-image accuracy of a registered (or local) mini decoder in SD's diffusers layout."""
+def load_decoder(uri: str):
+    """(unet, vae, text encoder, scheduler config) of a registered (or local) mini decoder in SD's layout."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from kosmos_g.platform.weights import registry_dir
 
-    torch.set_num_threads(threads)
     folder = registry_dir(uri) if uri.startswith(("models:/", "runs:/")) else Path(uri)
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
     text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").eval()
-    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    return unet, vae, text, DDPMScheduler.from_pretrained(folder, subfolder="scheduler").config
+
+
+def text_to_image(decoder, prompts: list[str], guidance: float, chunk: int = 64) -> torch.Tensor:
+    """DDIM 25 steps (the world evaluation's sampler), seed 0 per chunk of prompts."""
+    unet, vae, text, scheduler_config = decoder
     tokenizer = build_clip_tokenizer()
-    prompts = eval_prompts(count, 1, split)
-    tokens = tokenizer([f"a {c} {s} on a {b} background" for c, s, b in prompts] + [""], padding="max_length",
-                       max_length=77, truncation=True, return_tensors="pt")
+    tokens = tokenizer(prompts + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     with torch.no_grad():
-        hidden = text(input_ids=tokens.input_ids).last_hidden_state
-    images = sample(unet, vae, scheduler.config, hidden[:-1], hidden[-1:], 25, guidance, 0)
+        hidden = torch.cat([text(input_ids=tokens.input_ids[i:i + 256]).last_hidden_state
+                            for i in range(0, len(prompts) + 1, 256)])
+    condition, empty = hidden[:-1], hidden[-1:]
+    return torch.cat([sample(unet, vae, scheduler_config, condition[i:i + chunk], empty, 25, guidance, 0)
+                      for i in range(0, len(prompts), chunk)])
+
+
+def score_decoder(uri: str, count: int, threads: int, split: str = "train", guidance: float = 4.0) -> dict[str, float]:
+    """Text-to-image accuracy of a mini decoder on `count` single-object prompts of `split`; with
+    split "cases", on the world evaluation's own held-out cases (platform/evaluation/world.py)
+    prompted in words: the most an image-prompted Kosmos-G on this decoder could be expected to draw."""
+    torch.set_num_threads(threads)
+    decoder = load_decoder(uri)
+    if split == "cases":
+        from PIL import Image
+
+        from kosmos_g.platform.evaluation import world as world_eval
+
+        cases = [case for case in world_eval.cases(count, count // 2) if case.kind != "text"]
+        images = text_to_image(decoder, [case.text for case in cases], guidance)
+        pictures = [Image.fromarray(((image.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255)
+                                    .astype(np.uint8)) for image in images]
+        scores = [{"kind": case.kind, **world_eval.score(case, picture)} for case, picture in zip(cases, pictures)]
+        return world_eval.summarise(scores)
+    prompts = eval_prompts(count, 1, split)
+    images = text_to_image(decoder, [f"a {c} {s} on a {b} background" for c, s, b in prompts], guidance)
     return score(images, prompts)
 
 
@@ -147,12 +174,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="bench/results/mini_sweep.json")
     parser.add_argument("--score-decoder", metavar="URI", help="only score this registered/local decoder")
-    parser.add_argument("--split", choices=("train", "held_out"), default="train",
-                        help="with --score-decoder: prompts of the training split or held-out colour/background pairs")
+    parser.add_argument("--split", choices=("train", "held_out", "cases"), default="train",
+                        help="with --score-decoder: prompts of the training split, held-out colour/background "
+                             "pairs, or the world evaluation's cases in words (--eval-prompts singles, half as many pairs)")
     parser.add_argument("--guidance", type=float, default=4.0, help="with --score-decoder: classifier-free guidance")
     args = parser.parse_args(argv)
     if args.score_decoder:
         result = score_decoder(args.score_decoder, args.eval_prompts, args.threads, args.split, args.guidance)
+        if args.split == "cases":
+            print(f"{args.score_decoder} (evaluation cases in words, guidance {args.guidance:g}): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
+            return result
         print(f"{args.score_decoder} ({args.split}, guidance {args.guidance:g}): colour {result['colour']:.2f} shape {result['shape']:.2f} "
               f"background {result['background']:.2f} (chance 0.125 / 0.25 / 0.125)")
         return result

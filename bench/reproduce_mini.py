@@ -189,8 +189,25 @@ def evaluate(models: dict[str, str], singles: int, pairs: int) -> dict[str, dict
     return results
 
 
-def table(results: dict[str, dict]) -> list[str]:
-    """Markdown rows: each model's one-subject and two-subject metrics, and the text-only twins."""
+def decoder_ceiling(model_uri: str, singles: int) -> tuple[str, dict]:
+    """(decoder URI, metrics) of the mini decoder `model_uri` was trained on, prompted with the
+    evaluation's own held-out cases in words (`a red star on a purple background`): what the frozen
+    decoder draws when told exactly, the most the image-prompted model can be expected to reach."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import mini_sweep
+
+    from kosmos_g.platform import tracking
+
+    name, version = model_uri.removeprefix("models:/").split("/")
+    run = tracking.client().get_run(tracking.client().get_model_version(name, version).run_id)
+    decoder = run.data.params["model.image_decoder.pretrained_path"]
+    print(f"[reproduce] {decoder} prompted with the held-out cases in words", flush=True)
+    return decoder, mini_sweep.score_decoder(decoder, singles, threads=2, split="cases")
+
+
+def table(results: dict[str, dict], ceiling: tuple[str, dict] | None = None) -> list[str]:
+    """Markdown rows: each model's one-subject and two-subject metrics, the text-only twins and
+    the decoder's ceiling."""
 
     def cells(metrics: dict, kind: str, with_pairs: bool) -> str:
         def value(key: str, clip: bool = False) -> str:
@@ -210,6 +227,9 @@ def table(results: dict[str, dict]) -> list[str]:
         rows.append(f"| {label} | {cells(metrics, 'single', True)} |")
         if label == "full":
             rows.append(f"| full, text only (`an object on a <b> background`) | {cells(metrics, 'text', False)} |")
+    if ceiling:
+        rows.append(f"| mini decoder told in words (`a red star on a purple background`; ceiling) "
+                    f"| {cells(ceiling[1], 'single', True)} |")
     rows.append("| chance | | 0.125 | 0.25 | 0.125 | 0.125 | | | | |")
     return rows
 
@@ -245,8 +265,9 @@ def figure(results: dict[str, dict], cases: int = 6):
     return sheet
 
 
-def write_report(results: dict[str, dict], jobs: dict[str, dict], memory_gb: float, wall_s: float) -> str:
-    rows = table(results)
+def write_report(results: dict[str, dict], jobs: dict[str, dict], memory_gb: float, wall_s: float,
+                 ceiling: tuple[str, dict] | None = None) -> str:
+    rows = table(results, ceiling)
     full = results["full"]
     checks = [f"{label} {full.get(key, float('nan')):.2f} (target ≥ {target}: "
               f"{'met' if full.get(key, 0) >= target else 'missed'})" for key, (label, target) in TARGETS.items()]
@@ -254,7 +275,8 @@ def write_report(results: dict[str, dict], jobs: dict[str, dict], memory_gb: flo
     lines = [BEGIN, "", f"Measured {time.strftime('%Y-%m-%d')} by `bench/reproduce_mini.py` "
              f"({full.get('world_single_images', 0):.0f} single-subject, {full.get('world_pair_images', 0):.0f} "
              f"two-subject and as many text-only held-out cases per model; models: "
-             + ", ".join(f"{label} `{r['model']}`" for label, r in results.items()) + ").", "", *rows, "",
+             + ", ".join(f"{label} `{r['model']}`" for label, r in results.items())
+             + (f", ceiling `{ceiling[0]}`" if ceiling else "") + ").", "", *rows, "",
              "Targets (full model): " + "; ".join(checks) + ".", "",
              f"Wall time: {wall_s / 60:.1f} min in all" + (f" ({timing})" if timing else "")
              + f"; peak memory above the idle machine: {memory_gb:.1f} GB.", "",
@@ -269,11 +291,11 @@ def write_report(results: dict[str, dict], jobs: dict[str, dict], memory_gb: flo
     return text
 
 
-def log_to_mlflow(text: str, results: dict[str, dict]) -> str:
+def log_to_mlflow(text: str, results: dict[str, dict], ceiling: tuple[str, dict] | None = None) -> str:
     from kosmos_g.platform import tracking
 
     run_id, _ = tracking.start_run("bench", f"reproduce-mini-{time.strftime('%Y%m%d-%H%M%S')}")
-    for label, metrics in results.items():
+    for label, metrics in {**results, **({"decoder ceiling": ceiling[1]} if ceiling else {})}.items():
         prefix = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")  # MLflow's metric-name alphabet
         tracking.log_metrics(run_id, {f"{prefix}.{k}": v for k, v in metrics.items()
                                       if isinstance(v, float) and k.startswith("world_")}, 0)
@@ -297,11 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     results = evaluate(models_to_evaluate(jobs), args.singles, args.pairs)
     for label, summary in results.items():
         summary["singles"], summary["pairs"] = args.singles, args.pairs
+    ceiling = decoder_ceiling(results["full"]["model"], args.singles)
     memory.stop()
     figure(results).save(FIGURE)
-    text = write_report(results, jobs, memory.peak_gb, time.monotonic() - started)
-    print("\n".join(table(results)), flush=True)
-    print(f"[reproduce] MLflow run {log_to_mlflow(text, results)}; wrote {DOC} and {FIGURE}", flush=True)
+    text = write_report(results, jobs, memory.peak_gb, time.monotonic() - started, ceiling)
+    print("\n".join(table(results, ceiling)), flush=True)
+    print(f"[reproduce] MLflow run {log_to_mlflow(text, results, ceiling)}; wrote {DOC} and {FIGURE}", flush=True)
     return 0
 
 
