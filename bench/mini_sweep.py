@@ -13,6 +13,9 @@ and 1/4 for shapes.
         # the same scoring for a decoder the platform job registered (SD diffusers folder); held_out:
         # colour/background pairs no training image shows; cases: the world evaluation's own held-out
         # cases (one and two subjects) asked in words, a ceiling for the image-prompted model
+    .venv/bin/python bench/mini_sweep.py --continue-decoder models:/kosmos-g-mini-decoder/1 \
+        --unet-steps 1000 --score-every 250 --eval-prompts 100 --out bench/results/continue.json
+        # the registered U-Net trained further: its held-out cases in words after every 250 steps
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ def clip_pixels(pixels: torch.Tensor) -> torch.Tensor:
     return ((pixels + 1) / 2 - mean) / std
 
 
-def train(module, loss_fn, steps: int, lr: float, batch_of, label: str) -> float:
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+def train(module, loss_fn, steps: int, lr: float, batch_of, label: str, optimizer=None) -> float:
+    optimizer = optimizer or torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
+                                               weight_decay=0.01)
     started, window = time.perf_counter(), []
     for step in range(1, steps + 1):
         loss = loss_fn(*batch_of(step))
@@ -140,12 +144,10 @@ def text_to_image(decoder, prompts: list[str], guidance: float, chunk: int = 64)
                       for i in range(0, len(prompts), chunk)])
 
 
-def score_decoder(uri: str, count: int, threads: int, split: str = "train", guidance: float = 4.0) -> dict[str, float]:
-    """Text-to-image accuracy of a mini decoder on `count` single-object prompts of `split`; with
-    split "cases", on the world evaluation's own held-out cases (platform/evaluation/world.py)
+def score_on(decoder, count: int, split: str = "train", guidance: float = 4.0) -> dict[str, float]:
+    """Text-to-image accuracy of a loaded mini decoder on `count` single-object prompts of `split`;
+    with split "cases", on the world evaluation's own held-out cases (platform/evaluation/world.py)
     prompted in words: the most an image-prompted Kosmos-G on this decoder could be expected to draw."""
-    torch.set_num_threads(threads)
-    decoder = load_decoder(uri)
     if split == "cases":
         from PIL import Image
 
@@ -160,6 +162,61 @@ def score_decoder(uri: str, count: int, threads: int, split: str = "train", guid
     prompts = eval_prompts(count, 1, split)
     images = text_to_image(decoder, [f"a {c} {s} on a {b} background" for c, s, b in prompts], guidance)
     return score(images, prompts)
+
+
+def score_decoder(uri: str, count: int, threads: int, split: str = "train", guidance: float = 4.0) -> dict[str, float]:
+    """`score_on` a registered (or local) mini decoder."""
+    torch.set_num_threads(threads)
+    return score_on(load_decoder(uri), count, split, guidance)
+
+
+def continue_decoder(uri: str, steps: int, score_every: int, args) -> list[dict]:
+    """Train a registered decoder's U-Net `steps` more steps (plain loop, its own loss: the
+    scheduler's prediction type, 10% empty-caption dropout) on training-split scenes, scoring the
+    evaluation's held-out cases in words every `score_every` steps: do more U-Net steps buy shapes?"""
+    from diffusers import DDPMScheduler
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    decoder = load_decoder(uri)
+    unet, vae, text, scheduler_config = decoder
+    scheduler = DDPMScheduler.from_config(scheduler_config)
+    size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    pixels, captions = scene_tensors(args.scenes, 0, size)
+    tokens = build_clip_tokenizer()(captions + [""], padding="max_length", max_length=77, truncation=True,
+                                    return_tensors="pt")
+    with torch.no_grad():
+        hidden = torch.cat([text(input_ids=tokens.input_ids[i:i + 256]).last_hidden_state
+                            for i in range(0, len(captions) + 1, 256)])
+        latents = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+    condition_all, empty, latents = hidden[:-1], hidden[-1:], latents * vae.config.scaling_factor
+    rng = np.random.default_rng(0)
+
+    def unet_loss(batch_latents, condition):
+        noise = torch.randn_like(batch_latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_latents.shape[0],))
+        drop = torch.rand(batch_latents.shape[0]) < 0.1
+        condition = torch.where(drop[:, None, None], empty, condition)
+        target = (noise if scheduler.config.prediction_type == "epsilon"
+                  else scheduler.get_velocity(batch_latents, noise, t))
+        out = unet(scheduler.add_noise(batch_latents, noise, t), t, encoder_hidden_states=condition).sample
+        return F.mse_loss(out, target)
+
+    def batch_of(_):
+        i = torch.from_numpy(rng.integers(0, len(captions), args.batch))
+        return latents[i], condition_all[i]
+
+    unet.requires_grad_(True)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)  # one for every round
+    rows = []
+    for done in range(0, steps + 1, score_every):
+        if done:
+            unet.train()
+            train(unet, unet_loss, score_every, args.lr, batch_of, f"unet +{done}", optimizer)
+            unet.eval()
+        rows.append({"added_steps": done, **score_on(decoder, args.eval_prompts, "cases")})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -178,7 +235,16 @@ def main(argv: list[str] | None = None) -> dict:
                         help="with --score-decoder: prompts of the training split, held-out colour/background "
                              "pairs, or the world evaluation's cases in words (--eval-prompts singles, half as many pairs)")
     parser.add_argument("--guidance", type=float, default=4.0, help="with --score-decoder: classifier-free guidance")
+    parser.add_argument("--continue-decoder", metavar="URI",
+                        help="train this decoder's U-Net --unet-steps more, scoring the held-out cases in words")
+    parser.add_argument("--score-every", type=int, default=250, help="with --continue-decoder")
+    parser.add_argument("--lr", type=float, default=3e-4, help="with --continue-decoder (a fresh AdamW)")
     args = parser.parse_args(argv)
+    if args.continue_decoder:
+        rows = continue_decoder(args.continue_decoder, args.unet_steps, args.score_every, args)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+        return {"continued": rows}
     if args.score_decoder:
         result = score_decoder(args.score_decoder, args.eval_prompts, args.threads, args.split, args.guidance)
         if args.split == "cases":

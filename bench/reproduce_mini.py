@@ -189,7 +189,7 @@ def evaluate(models: dict[str, str], singles: int, pairs: int) -> dict[str, dict
     return results
 
 
-def decoder_ceiling(model_uri: str, singles: int) -> tuple[str, dict]:
+def decoder_ceiling(model_uri: str, singles: int) -> tuple[str, dict] | None:
     """(decoder URI, metrics) of the mini decoder `model_uri` was trained on, prompted with the
     evaluation's own held-out cases in words (`a red star on a purple background`): what the frozen
     decoder draws when told exactly, the most the image-prompted model can be expected to reach."""
@@ -200,7 +200,10 @@ def decoder_ceiling(model_uri: str, singles: int) -> tuple[str, dict]:
 
     name, version = model_uri.removeprefix("models:/").split("/")
     run = tracking.client().get_run(tracking.client().get_model_version(name, version).run_id)
-    decoder = run.data.params["model.image_decoder.pretrained_path"]
+    decoder = run.data.params.get("model.image_decoder.pretrained_path", "")
+    if not decoder.startswith("models:/"):
+        print(f"[reproduce] {model_uri} names no registered decoder ({decoder!r}): no ceiling row", flush=True)
+        return None
     print(f"[reproduce] {decoder} prompted with the held-out cases in words", flush=True)
     return decoder, mini_sweep.score_decoder(decoder, singles, threads=2, split="cases")
 
