@@ -16,7 +16,9 @@ has 2 CPUs, and two Ray Data streams side by side can starve each other's read t
   otherwise (`--set data.removed_background=random|colours`; the preset's is white, as released);
 - `stage 2 only`: the `kosmos-g-align` version stage 3 started from;
 - `no encoder`: stage 2 again with `aligner.encoder_layers=0` (the paper's Table 2 ablation),
-  not registered (so no later stage starts from it) and evaluated from its run.
+  not registered (so no later stage starts from it) and evaluated from its run;
+- the ceiling: the mini decoder `full` trained on, told the same held-out cases in words (not a
+  Kosmos-G model: what the frozen decoder draws when asked exactly).
 
 Job logs go to bench/results/reproduce_mini/<step>.log; wall time and the machine's peak memory
 use are measured and printed with the table.
