@@ -1,14 +1,16 @@
 """Which mini-decoder recipe learns the miniature world's colours? A measured sweep.
 
 Trains, in one process with plain PyTorch loops (a recipe search, not the platform's jobs):
-the mini CLIP (contrastive, on world captions), the mini VAE, then one U-Net per recipe
-conditioned on the frozen mini CLIP text encoder; each U-Net draws text-to-image samples for
-single-object prompts of the training split, and the world scorer reads colour, shape and
-background back from the pixels. Prints one table row per recipe; chance is 1/8 for colours
-and 1/4 for shapes.
+the mini CLIP (contrastive, on world scenes; or `--clip` a registered one), the mini VAE, then
+one U-Net per recipe conditioned on the frozen mini CLIP text encoder; each U-Net draws
+text-to-image samples for single-object prompts of the training split and for held-out
+colour/background pairs (no training image shows them: can the decoder compose?), and the world
+scorer reads colour, shape and background back from the pixels. Prints one table row per recipe;
+chance is 1/8 for colours and 1/4 for shapes.
 
-    .venv/bin/python bench/mini_sweep.py                      # ≈ 75 min on 1 core
+    .venv/bin/python bench/mini_sweep.py                      # ≈ 25 min per recipe on 1 core
     .venv/bin/python bench/mini_sweep.py --unet-steps 200 --recipes v_zero_pooled   # smoke
+    .venv/bin/python bench/mini_sweep.py --clip models:/kosmos-g-mini-clip/1 --recipes v_zero_pooled,v_zero_attn
     .venv/bin/python bench/mini_sweep.py --score-decoder models:/kosmos-g-mini-decoder/1 [--split held_out|cases]
         # the same scoring for a decoder the platform job registered (SD diffusers folder); held_out:
         # colour/background pairs no training image shows; cases: the world evaluation's own held-out
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kosmos_g.models.image_decoder import noised_latents
 from kosmos_g.models.images import CLIP_MEAN, CLIP_STD
 from kosmos_g.models.mini import (MiniClipConfig, MiniDecoderConfig, build_clip, build_scheduler, build_unet,
                                   build_vae, clip_loss, vae_loss)
@@ -40,6 +43,10 @@ RECIPES = {
     "eps": dict(prediction_type="epsilon", zero_terminal_snr=False, pooled_text=False),
     "v_zero": dict(prediction_type="v_prediction", zero_terminal_snr=True, pooled_text=False),
     "v_zero_pooled": dict(prediction_type="v_prediction", zero_terminal_snr=True, pooled_text=True),
+    "v_zero_attn": dict(prediction_type="v_prediction", zero_terminal_snr=True, pooled_text=False,
+                        full_resolution_attention=True),
+    "v_zero_pooled_attn": dict(prediction_type="v_prediction", zero_terminal_snr=True, pooled_text=True,
+                               full_resolution_attention=True),
 }
 
 
@@ -54,6 +61,35 @@ def scene_tensors(count: int, seed: int, size: int) -> tuple[torch.Tensor, list[
 def clip_pixels(pixels: torch.Tensor) -> torch.Tensor:
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     return ((pixels + 1) / 2 - mean) / std
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8, as the world scorer reads pictures."""
+    return ((image.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+
+@torch.no_grad()
+def encode_captions(text, captions: list[str], chunk: int = 256) -> torch.Tensor:
+    """The text encoder's 77 hidden states of each caption (SD's CLIP padding), in chunks."""
+    ids = build_clip_tokenizer()(captions, padding="max_length", max_length=77, truncation=True,
+                                 return_tensors="pt").input_ids
+    return torch.cat([text(input_ids=ids[i:i + chunk]).last_hidden_state for i in range(0, len(ids), chunk)])
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """The VAE posterior means (unscaled), in chunks."""
+    return torch.cat([vae.encode(pixels[i:i + chunk]).latent_dist.mean for i in range(0, len(pixels), chunk)])
+
+
+def unet_loss(unet, scheduler, empty: torch.Tensor, latents: torch.Tensor, condition: torch.Tensor,
+              cond_dropout: float = 0.1) -> torch.Tensor:
+    """The decoder job's U-Net objective (`noised_latents`: the scheduler's prediction type), the
+    empty caption's condition for `cond_dropout` of the examples (classifier-free guidance)."""
+    noisy, timesteps, target = noised_latents(scheduler, latents)
+    drop = torch.rand(latents.shape[0]) < cond_dropout
+    condition = torch.where(drop[:, None, None], empty, condition)
+    return F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=condition).sample, target)
 
 
 def train(module, loss_fn, steps: int, lr: float, batch_of, label: str, optimizer=None) -> float:
@@ -95,8 +131,7 @@ def score(images: torch.Tensor, prompts: list[tuple[str, str, str]]) -> dict[str
     """Colour/shape of the largest object and the background, read from pixels."""
     hits = {"colour": 0, "shape": 0, "background": 0}
     for image, (colour, shape, background) in zip(images, prompts):
-        array = ((image.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-        reading = read_scene(array)
+        reading = read_scene(to_uint8(image))
         hits["background"] += reading.background == background
         if reading.objects:
             largest = max(reading.objects, key=lambda o: o.area)
@@ -134,11 +169,7 @@ def load_decoder(uri: str):
 def text_to_image(decoder, prompts: list[str], guidance: float, chunk: int = 64) -> torch.Tensor:
     """DDIM 25 steps (the world evaluation's sampler), seed 0 per chunk of prompts."""
     unet, vae, text, scheduler_config = decoder
-    tokenizer = build_clip_tokenizer()
-    tokens = tokenizer(prompts + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        hidden = torch.cat([text(input_ids=tokens.input_ids[i:i + 256]).last_hidden_state
-                            for i in range(0, len(prompts) + 1, 256)])
+    hidden = encode_captions(text, prompts + [""])
     condition, empty = hidden[:-1], hidden[-1:]
     return torch.cat([sample(unet, vae, scheduler_config, condition[i:i + chunk], empty, 25, guidance, 0)
                       for i in range(0, len(prompts), chunk)])
@@ -155,8 +186,7 @@ def score_on(decoder, count: int, split: str = "train", guidance: float = 4.0) -
 
         cases = [case for case in world_eval.cases(count, count // 2) if case.kind != "text"]
         images = text_to_image(decoder, [case.text for case in cases], guidance)
-        pictures = [Image.fromarray(((image.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255)
-                                    .astype(np.uint8)) for image in images]
+        pictures = [Image.fromarray(to_uint8(image)) for image in images]
         scores = [{"kind": case.kind, **world_eval.score(case, picture)} for case, picture in zip(cases, pictures)]
         return world_eval.summarise(scores)
     prompts = eval_prompts(count, 1, split)
@@ -183,24 +213,10 @@ def continue_decoder(uri: str, steps: int, score_every: int, args) -> list[dict]
     scheduler = DDPMScheduler.from_config(scheduler_config)
     size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     pixels, captions = scene_tensors(args.scenes, 0, size)
-    tokens = build_clip_tokenizer()(captions + [""], padding="max_length", max_length=77, truncation=True,
-                                    return_tensors="pt")
-    with torch.no_grad():
-        hidden = torch.cat([text(input_ids=tokens.input_ids[i:i + 256]).last_hidden_state
-                            for i in range(0, len(captions) + 1, 256)])
-        latents = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
-    condition_all, empty, latents = hidden[:-1], hidden[-1:], latents * vae.config.scaling_factor
+    hidden = encode_captions(text, captions + [""])
+    condition_all, empty = hidden[:-1], hidden[-1:]
+    latents = encode_latents(vae, pixels) * vae.config.scaling_factor
     rng = np.random.default_rng(0)
-
-    def unet_loss(batch_latents, condition):
-        noise = torch.randn_like(batch_latents)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_latents.shape[0],))
-        drop = torch.rand(batch_latents.shape[0]) < 0.1
-        condition = torch.where(drop[:, None, None], empty, condition)
-        target = (noise if scheduler.config.prediction_type == "epsilon"
-                  else scheduler.get_velocity(batch_latents, noise, t))
-        out = unet(scheduler.add_noise(batch_latents, noise, t), t, encoder_hidden_states=condition).sample
-        return F.mse_loss(out, target)
 
     def batch_of(_):
         i = torch.from_numpy(rng.integers(0, len(captions), args.batch))
@@ -212,7 +228,8 @@ def continue_decoder(uri: str, steps: int, score_every: int, args) -> list[dict]
     for done in range(0, steps + 1, score_every):
         if done:
             unet.train()
-            train(unet, unet_loss, score_every, args.lr, batch_of, f"unet +{done}", optimizer)
+            train(unet, lambda latents, condition: unet_loss(unet, scheduler, empty, latents, condition),
+                  score_every, args.lr, batch_of, f"unet +{done}", optimizer)
             unet.eval()
         rows.append({"added_steps": done, **score_on(decoder, args.eval_prompts, "cases")})
         print(json.dumps(rows[-1]), flush=True)
@@ -222,6 +239,8 @@ def continue_decoder(uri: str, steps: int, score_every: int, args) -> list[dict]
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenes", type=int, default=8000)
+    parser.add_argument("--clip", metavar="URI", help="condition on this registered/local mini CLIP's text encoder "
+                                                       "(e.g. models:/kosmos-g-mini-clip/1) instead of training one")
     parser.add_argument("--clip-steps", type=int, default=600)
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--unet-steps", type=int, default=1500)
@@ -254,80 +273,88 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{args.score_decoder} ({args.split}, guidance {args.guidance:g}): colour {result['colour']:.2f} shape {result['shape']:.2f} "
               f"background {result['background']:.2f} (chance 0.125 / 0.25 / 0.125)")
         return result
+    results = sweep(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def text_encoder(args, pixels: torch.Tensor, captions: list[str]):
+    """(frozen CLIP text encoder, its final contrastive loss or None): the registered one of
+    `--clip`, else a mini CLIP trained here on the scenes."""
+    if args.clip:
+        from transformers import CLIPTextModel
+
+        from kosmos_g.platform.weights import registry_dir
+
+        folder = registry_dir(args.clip) if args.clip.startswith(("models:/", "runs:/")) else Path(args.clip)
+        return CLIPTextModel.from_pretrained(folder).eval().requires_grad_(False), None
+    tokens = build_clip_tokenizer()(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    ids, mask = tokens.input_ids, tokens.attention_mask
+    rng = np.random.default_rng(0)
+    clip = build_clip(MiniClipConfig())
+
+    def clip_batch(_):
+        i = torch.from_numpy(rng.integers(0, len(captions), 64))
+        return ids[i], mask[i], clip_pixels(pixels[i])
+
+    final = train(clip, lambda a, m, p: clip_loss(clip, a, m, p), args.clip_steps, 5e-4, clip_batch, "clip")
+    return clip.text_model.eval().requires_grad_(False), final
+
+
+def sweep(args) -> dict:
+    """The text encoder and the VAE once, then one U-Net per recipe from the same seed and data,
+    each scored on training-split prompts and on held-out colour/background pairs."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     decoder_base = MiniDecoderConfig()
     pixels, captions = scene_tensors(args.scenes, 0, decoder_base.image_size)
-    tokenizer = build_clip_tokenizer()
-    tokens = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-    ids, mask = tokens.input_ids, tokens.attention_mask
+    text, clip_final = text_encoder(args, pixels, captions)
+    hidden = encode_captions(text, captions + [""])
+    condition_all, empty = hidden[:-1], hidden[-1:]
     rng = np.random.default_rng(0)
 
     def indices(batch: int) -> torch.Tensor:
         return torch.from_numpy(rng.integers(0, len(captions), batch))
 
-    clip = build_clip(MiniClipConfig())
-
-    def clip_batch(_):
-        i = indices(64)
-        return ids[i], mask[i], clip_pixels(pixels[i])
-
-    clip_final = train(clip, lambda a, m, p: clip_loss(clip, a, m, p), args.clip_steps, 5e-4, clip_batch, "clip")
-    text = clip.text_model.eval().requires_grad_(False)
-    with torch.no_grad():
-        hidden = torch.cat([text(input_ids=ids[i:i + 256]).last_hidden_state for i in range(0, len(ids), 256)])
-    condition_all, empty = hidden[:-1], hidden[-1:]
-
     vae = build_vae(decoder_base)
     vae_final = train(vae, lambda p: vae_loss(vae, p, decoder_base.vae_kl_weight)["loss"], args.vae_steps, 1e-3,
                       lambda _: (pixels[indices(args.batch)],), "vae")
     vae.eval().requires_grad_(False)
+    latents_all = encode_latents(vae, pixels)
+    scale = float(1 / latents_all.std())
+    vae.register_to_config(scaling_factor=scale)
     with torch.no_grad():
-        latents_all = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
-        scale = float(1 / latents_all.std())
-        vae.register_to_config(scaling_factor=scale)
         reconstructed = vae.decode(latents_all[:256]).sample.clamp(-1, 1)
     prompts_rec = [(s.objects[0].colour, s.objects[0].shape, s.background) for s in world.scenes(0, 256, "train")]
-    results = {"clip_loss": clip_final, "vae_loss": vae_final, "vae_scaling_factor": scale,
-               "vae_reconstruction": score(reconstructed, prompts_rec) if len(prompts_rec) else {}, "recipes": {}}
+    results = {"clip": args.clip or "trained here", "clip_loss": clip_final, "vae_loss": vae_final,
+               "vae_scaling_factor": scale, "vae_reconstruction": score(reconstructed, prompts_rec), "recipes": {}}
     print(f"[vae] reconstructions read back: {results['vae_reconstruction']}", flush=True)
 
-    prompts = eval_prompts(args.eval_prompts, 1)
-    eval_tokens = tokenizer([f"a {c} {s} on a {b} background" for c, s, b in prompts], padding="max_length",
-                            max_length=77, truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        eval_condition = text(input_ids=eval_tokens.input_ids).last_hidden_state
+    def unet_batch(_):
+        i = indices(args.batch)
+        return latents_all[i] * scale, condition_all[i]
+
     for name in args.recipes.split(","):
         cfg = MiniDecoderConfig(**RECIPES[name])
         torch.manual_seed(0)
         unet, scheduler = build_unet(cfg, condition_all.shape[-1]), build_scheduler(cfg)
-
-        def unet_loss(latents, condition):
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
-            drop = torch.rand(latents.shape[0]) < 0.1  # classifier-free guidance dropout
-            condition = torch.where(drop[:, None, None], empty, condition)
-            target = noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
-            out = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=condition).sample
-            return F.mse_loss(out, target)
-
-        def unet_batch(_):
-            i = indices(args.batch)
-            return latents_all[i] * scale, condition_all[i]
-
         started = time.perf_counter()
-        final = train(unet, unet_loss, args.unet_steps, 1e-3, unet_batch, f"unet {name}")
+        final = train(unet, lambda latents, condition: unet_loss(unet, scheduler, empty, latents, condition),
+                      args.unet_steps, 1e-3, unet_batch, f"unet {name}")
         unet.eval()
-        images = sample(unet, vae, scheduler.config, eval_condition, empty, 25, 4.0, 0)
-        results["recipes"][name] = {"loss": final, "train_s": time.perf_counter() - started, **score(images, prompts)}
+        decoder = (unet, vae, text, scheduler.config)
+        results["recipes"][name] = {"loss": final, "train_s": time.perf_counter() - started,
+                                    "train": score_on(decoder, args.eval_prompts, "train"),
+                                    "held_out": score_on(decoder, args.eval_prompts, "held_out")}
         print(f"[unet {name}] {results['recipes'][name]}", flush=True)
-    print("\nrecipe            colour  shape  background  (chance 0.125 / 0.25 / 0.125)")
+    print("\nrecipe              training pairs: colour shape background | held-out pairs: colour shape background")
     for name, row in results["recipes"].items():
-        print(f"{name:16s}  {row['colour']:6.2f} {row['shape']:6.2f} {row['background']:10.2f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+        cells = " | ".join(" ".join(f"{row[split][k]:6.2f}" for k in ("colour", "shape", "background"))
+                           for split in ("train", "held_out"))
+        print(f"{name:18s}  {cells}")
+    print("chance                               0.125 0.25 0.125")
     return results
-
 
 if __name__ == "__main__":
     main()

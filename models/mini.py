@@ -43,7 +43,15 @@ class MiniDecoderConfig:
     prediction_type: str = "v_prediction"
     zero_terminal_snr: bool = True  # the last timestep is pure noise: no mean-colour leak
     pooled_text: bool = True  # diffusers "text" addition embedding: pooled condition + time
+    # Cross-attention at the first (16 x 16) level too, as SD has it at all but its lowest
+    # resolution; off, the text reaches the 16 x 16 features only through the 8 x 8 level.
+    full_resolution_attention: bool = False
     vae_kl_weight: float = 1e-6
+
+    def inert_fields(self) -> list[str]:
+        """Left out of job fingerprints at the default, so decoders registered before it existed
+        keep theirs."""
+        return [] if self.full_resolution_attention else ["full_resolution_attention"]
 
     @property
     def latent_size(self) -> int:
@@ -93,14 +101,15 @@ def build_unet(cfg: MiniDecoderConfig, condition_dim: int):
     from diffusers import UNet2DConditionModel
 
     levels = len(cfg.unet_channels)
+    plain = 0 if cfg.full_resolution_attention else 1  # levels without cross-attention, from the top
     # "text": attention-pooled encoder_hidden_states added to the time embedding, so the
     # condition steers every resolution (colours are global) without another input.
     extra = dict(addition_embed_type="text",
                  addition_embed_type_num_heads=max(1, condition_dim // cfg.unet_head_dim)) if cfg.pooled_text else {}
     return UNet2DConditionModel(
         sample_size=cfg.latent_size, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * (levels - plain),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - plain) + ("UpBlock2D",) * plain,
         block_out_channels=tuple(cfg.unet_channels), layers_per_block=1, norm_num_groups=32,
         cross_attention_dim=condition_dim, attention_head_dim=cfg.unet_head_dim, **extra,
     )

@@ -92,3 +92,22 @@ def test_fingerprints_leave_out_options_the_config_does_not_use():
     assert streamed != before and set(inert_fields(cfg)) == always
     cfg.data.shuffle_window = 4
     assert fingerprint(cfg) != streamed
+
+
+def test_mini_decoder_attention_option_keeps_registered_fingerprints():
+    """Cross-attention at the U-Net's first level too (as SD has it) is a decoder option added
+    after decoders were registered: off, it stays out of the fingerprint; on, it decides it and the
+    U-Net built from the config attends to the text at every level."""
+    from kosmos_g.models.mini import build_unet
+    from kosmos_g.platform.config import fingerprint, inert_fields
+    from kosmos_g.platform.train.backbone_job import backbone_presets
+
+    cfg = backbone_presets("decoder").get("tiny")
+    assert "decoder.full_resolution_attention" in inert_fields(cfg)
+    before = fingerprint(cfg)
+    assert build_unet(cfg.decoder, 16).config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D")
+    cfg.decoder.full_resolution_attention = True
+    assert fingerprint(cfg) != before and "decoder.full_resolution_attention" not in inert_fields(cfg)
+    unet = build_unet(cfg.decoder, 16)
+    assert unet.config.down_block_types == ("CrossAttnDownBlock2D",) * 2
+    assert unet.config.up_block_types == ("CrossAttnUpBlock2D",) * 2
