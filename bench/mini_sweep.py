@@ -10,7 +10,8 @@ chance is 1/8 for colours and 1/4 for shapes.
 
     .venv/bin/python bench/mini_sweep.py                      # ≈ 25 min per recipe on 1 core
     .venv/bin/python bench/mini_sweep.py --unet-steps 200 --recipes v_zero_pooled   # smoke
-    .venv/bin/python bench/mini_sweep.py --clip models:/kosmos-g-mini-clip/1 --recipes v_zero_pooled,v_zero_attn
+    .venv/bin/python bench/mini_sweep.py --clip models:/kosmos-g-mini-clip/1 --recipes v_zero_pooled,v_zero \
+        --save-dir bench/results/sweep   # --score-decoder bench/results/sweep/v_zero --split cases: score one again
     .venv/bin/python bench/mini_sweep.py --score-decoder models:/kosmos-g-mini-decoder/1 [--split held_out|cases]
         # the same scoring for a decoder the platform job registered (SD diffusers folder); held_out:
         # colour/background pairs no training image shows; cases: the world evaluation's own held-out
@@ -239,6 +240,7 @@ def continue_decoder(uri: str, steps: int, score_every: int, args) -> list[dict]
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenes", type=int, default=8000)
+    parser.add_argument("--save-dir", help="keep each recipe's decoder under DIR/<recipe> (unet/, vae/, text_encoder/, scheduler/)")
     parser.add_argument("--clip", metavar="URI", help="condition on this registered/local mini CLIP's text encoder "
                                                        "(e.g. models:/kosmos-g-mini-clip/1) instead of training one")
     parser.add_argument("--clip-steps", type=int, default=600)
@@ -299,7 +301,7 @@ def text_encoder(args, pixels: torch.Tensor, captions: list[str]):
         return ids[i], mask[i], clip_pixels(pixels[i])
 
     final = train(clip, lambda a, m, p: clip_loss(clip, a, m, p), args.clip_steps, 5e-4, clip_batch, "clip")
-    return clip.text_model.eval().requires_grad_(False), final
+    return clip.text_model.eval().requires_grad_(False), final  # a CLIPTextModel, as SD folders hold
 
 
 def sweep(args) -> dict:
@@ -344,6 +346,9 @@ def sweep(args) -> dict:
                       args.unet_steps, 1e-3, unet_batch, f"unet {name}")
         unet.eval()
         decoder = (unet, vae, text, scheduler.config)
+        if args.save_dir:  # the folders `load_decoder` reads: --score-decoder DIR/<recipe> scores it again
+            for part, module in (("unet", unet), ("vae", vae), ("text_encoder", text), ("scheduler", scheduler)):
+                module.save_pretrained(Path(args.save_dir) / name / part)
         results["recipes"][name] = {"loss": final, "train_s": time.perf_counter() - started,
                                     "train": score_on(decoder, args.eval_prompts, "train"),
                                     "held_out": score_on(decoder, args.eval_prompts, "held_out")}
