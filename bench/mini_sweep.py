@@ -103,7 +103,7 @@ def train(module, loss_fn, steps: int, lr: float, batch_of, label: str, optimize
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         optimizer.step()
-        window.append(float(loss))
+        window.append(float(loss.detach()))
         if step % max(1, steps // 10) == 0 or step == steps:
             print(f"[{label}] step {step}/{steps} loss {np.mean(window):.4f} "
                   f"({(time.perf_counter() - started) / step:.2f} s/step)", flush=True)
