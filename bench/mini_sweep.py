@@ -8,7 +8,7 @@ colour/background pairs (no training image shows them: can the decoder compose?)
 scorer reads colour, shape and background back from the pixels. Prints one table row per recipe;
 chance is 1/8 for colours and 1/4 for shapes.
 
-    .venv/bin/python bench/mini_sweep.py                      # ≈ 25 min per recipe on 1 core
+    .venv/bin/python bench/mini_sweep.py                      # ≈ 15 min per recipe on 1 core, + the CLIP and VAE
     .venv/bin/python bench/mini_sweep.py --unet-steps 200 --recipes v_zero_pooled   # smoke
     .venv/bin/python bench/mini_sweep.py --clip models:/kosmos-g-mini-clip/1 --recipes v_zero_pooled,v_zero \
         --save-dir bench/results/sweep   # --score-decoder bench/results/sweep/v_zero --split cases: score one again
