@@ -154,13 +154,13 @@ def eval_prompts(count: int, seed: int, split: str = "train") -> list[tuple[str,
 
 
 def load_decoder(uri: str):
-    """(unet, vae, text encoder, scheduler config) of a registered (or local) mini decoder in SD's layout."""
+    """(unet, vae, text encoder, scheduler config) of a mini decoder in SD's layout: registered, in storage or local."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from kosmos_g.platform.weights import registry_dir
+    from kosmos_g.platform.weights import local_dir
 
-    folder = registry_dir(uri) if uri.startswith(("models:/", "runs:/")) else Path(uri)
+    folder = local_dir(uri)
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
     text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").eval()
@@ -287,10 +287,9 @@ def text_encoder(args, pixels: torch.Tensor, captions: list[str]):
     if args.clip:
         from transformers import CLIPTextModel
 
-        from kosmos_g.platform.weights import registry_dir
+        from kosmos_g.platform.weights import local_dir
 
-        folder = registry_dir(args.clip) if args.clip.startswith(("models:/", "runs:/")) else Path(args.clip)
-        return CLIPTextModel.from_pretrained(folder).eval().requires_grad_(False), None
+        return CLIPTextModel.from_pretrained(local_dir(args.clip)).eval().requires_grad_(False), None
     tokens = build_clip_tokenizer()(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     ids, mask = tokens.input_ids, tokens.attention_mask
     rng = np.random.default_rng(0)
