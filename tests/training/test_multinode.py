@@ -1,7 +1,7 @@
 """A multi-node Ray cluster on this machine (`kosmos-g local up --worker-nodes 2`) running a stage
 the way a user submits it, then the faults a real cluster meets mid-run: a worker node's raylet
 killed, the S3 server restarted, the MLflow server restarted. Every job must end at its last step;
-each test prints what the fault cost (steps trained twice, at most one checkpoint interval).
+each test prints what the fault cost (steps trained twice; the fault itself at most one checkpoint interval).
 
 Real processes throughout: SeaweedFS, an MLflow server, a Ray head and two worker nodes, jobs
 through `ray job submit`, faults by signals to the services' processes.
@@ -25,9 +25,11 @@ from kosmos_g.platform.stack.localstack import worker_temp_dir
 from tests.conftest import REPO_ROOT
 from tests.platform.stack_cli import RAY, clean_env, parse_exports, port_overrides, run_local
 
-# Steps of each job and the checkpoint interval: a fault lands within a second or two of the first
-# checkpoint's registration, well before the second checkpoint and the end.
-STEPS, EVERY = 60, 20
+# Steps of each job and the checkpoint interval: a fault lands as soon as the test sees the first
+# checkpoint registered, before the second checkpoint and the end. Ray Train registers a checkpoint
+# some seconds after the step that reported it (its controller polls the workers every 2 s, then
+# writes its snapshot): 20-25 steps of this job, so the interval is wider than that.
+STEPS, EVERY = 120, 40
 PIPELINE = "align"  # stage 2 (tiny): its stream is one pass for the whole job (stage 1's packing makes
 # passes short, and each new pass restarts Ray Data's operators)
 
@@ -219,6 +221,11 @@ def test_one_train_worker_per_node_checkpoints_to_s3_through_an_mlflow_restart(c
 
 
 def test_a_killed_worker_node_raylet_costs_at_most_one_checkpoint_interval(cluster):
+    """The fault costs the steps since the last registered checkpoint (at most one interval) at
+    the moment it strikes. Ray then needs a few seconds to declare the node dead, and the
+    surviving worker trains on meanwhile (the killed node's worker process outlives its raylet
+    until then); those steps are trained twice too, but they are Ray's detection time, not a
+    checkpoint the platform failed to keep, so they are reported apart."""
     name = submit(cluster, f"raylet-kill-{uuid.uuid4().hex[:6]}")
     wait_for_registered_checkpoint(cluster, name)
     victim = next(actor["node_id"] for actor in train_workers(cluster, name)
@@ -227,11 +234,16 @@ def test_a_killed_worker_node_raylet_costs_at_most_one_checkpoint_interval(clust
                if process.info["name"] == "raylet" and f"--node_id={victim}" in (process.info["cmdline"] or [])]
     assert len(raylets) == 1
     raylets[0].kill()
+    step_at_fault = attempts(cluster.api(f"/api/jobs/{name}/logs")["logs"])[-1][1]
     status, logs = wait_for_job(cluster, name)
-    lost = assert_finished(cluster, name, status, logs)
-    assert len(attempts(logs)) >= 2, "the workers never restarted"
-    assert attempts(logs)[1][0] > 0, "the restart did not resume from a checkpoint"
-    assert lost <= EVERY
+    assert_finished(cluster, name, status, logs)
+    runs = attempts(logs)
+    assert len(runs) >= 2, "the workers never restarted"
+    resumed_at = runs[1][0]
+    assert resumed_at > 0, "the restart did not resume from a checkpoint"
+    print(f"{name}: killed at step {step_at_fault}, resumed at {resumed_at}: the fault cost "
+          f"{step_at_fault - resumed_at} steps, Ray's detection {runs[0][1] - step_at_fault} more")
+    assert step_at_fault - resumed_at <= EVERY  # resuming past the fault (a checkpoint registered since) costs none
 
 
 def test_an_s3_server_restart_mid_run_loses_no_checkpoint(cluster):
