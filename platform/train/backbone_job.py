@@ -7,7 +7,8 @@ the miniature world's Stable-Diffusion-pretraining in small.
 Each streams the world's caption shards (written on first use) with Ray Data into the shared Ray
 Train + DeepSpeed loop, logs to MLflow and registers the result, tagged with a fingerprint of its
 config: a later run of the same config reuses that version unless `--set force=true`. The decoder
-job trains the VAE (its own MLflow run, `<name>-vae`), then the U-Net on the frozen mini CLIP.
+job trains the VAE (its own MLflow run, `<name>-vae`), then the U-Net on the frozen mini CLIP;
+its run name carries that CLIP (`mini-decoder-clip3`), so a newer CLIP gets a fresh run.
 """
 
 from __future__ import annotations
@@ -104,6 +105,18 @@ def pinned_fingerprint(cfg: BackboneConfig) -> str:
     return fingerprint(cfg, NOT_DECIDING)
 
 
+def decoder_run_name(name: str, clip_uri: str) -> str:
+    """A decoder's run (its Ray Train checkpoints, its MLflow run key) carries the CLIP it is
+    conditioned on: trained again on a newer mini CLIP, it starts a run of its own instead of
+    refusing to resume checkpoints conditioned on another CLIP."""
+    import hashlib
+    import re
+
+    registered = re.fullmatch(r"models:/kosmos-g-mini-clip/(\d+)", clip_uri)
+    tag = f"clip{registered.group(1)}" if registered else f"clip-{hashlib.sha1(clip_uri.encode()).hexdigest()[:8]}"
+    return name if name.endswith(f"-{tag}") else f"{name}-{tag}"
+
+
 def _fit(cfg: BackboneConfig, task, pixels: str, image_size: int, run_id: str):
     result = run_trainer(cfg, task, backbone_dataset(cfg, pixels, image_size), to_tensors, None, run_id)
     if result.error:
@@ -145,6 +158,8 @@ def run_backbone(cfg: BackboneConfig) -> str | None:
         print(f"[{cfg.pipeline}] {cfg.registered_name}/{existing} was trained with this config: reused "
               "(--set force=true trains again)", flush=True)
         return f"{cfg.registered_name}/{existing}"
+    if cfg.kind == "decoder":
+        cfg.name = decoder_run_name(cfg.name, cfg.clip_model)  # clip_model is pinned by now
     resume_hash = fingerprint(cfg, NOT_DECIDING + RESUMABLE)
     check_resumable(cfg, None, resume_hash, config_hash)  # the job name's checkpoints must be this config's
     ensure_world(cfg)

@@ -12,7 +12,8 @@ import torch
 
 from kosmos_g.platform import tracking
 from kosmos_g.platform.config import fingerprint
-from kosmos_g.platform.train.backbone_job import NOT_DECIDING, backbone_presets, pinned_fingerprint, run_backbone
+from kosmos_g.platform.train.backbone_job import (NOT_DECIDING, backbone_presets, decoder_run_name,
+                                                  pinned_fingerprint, run_backbone)
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -84,6 +85,12 @@ def test_mini_clip_then_mini_decoder(world_prefix):
 
     decoder = run_backbone(_decoder_config(world_prefix, clip))
     assert decoder and decoder.startswith("kosmos-g-mini-decoder/")
+    # Its run (checkpoints, MLflow run key) is named after the CLIP version it is conditioned on, so
+    # the same job on a newer CLIP starts a run of its own rather than meeting these checkpoints.
+    run_key = tracking.client().get_run(_run_of(decoder)).data.tags["kosmos_g.run_key"]
+    assert run_key == decoder_run_name("mini-decoder-test", f"models:/{clip}") == f"mini-decoder-test-clip{clip.split('/')[1]}"
+    assert decoder_run_name(run_key, f"models:/{clip}") == run_key
+    assert decoder_run_name("d", "s3://bucket/clip") != decoder_run_name("d", "s3://bucket/other-clip")
     first, last = _loss_fell(_run_of(decoder))
     assert last < first, (first, last)
     sd_dir = tracking.resolve_artifacts(f"models:/{decoder}")
