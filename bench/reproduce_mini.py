@@ -99,7 +99,7 @@ def submit(step: str, script: str, args: list[str]) -> dict:
 
 def train_chain() -> dict[str, dict]:
     jobs = {}
-    for step in ("mini_clip", "mini_decoder", "construct", "pretrain", "align"):
+    for step in ("mini_clip", "mini_text_clip", "mini_decoder", "construct", "pretrain", "align"):
         jobs[step] = submit(step, f"pipelines/{step}.py", ["--preset", "world" if step == "construct" else "mini"])
     jobs["instruct"] = submit("instruct", "pipelines/instruct.py", ["--preset", "mini"])
     jobs["align_no_encoder"] = submit("align_no_encoder", "pipelines/align.py",

@@ -4,7 +4,7 @@ Each stage runs in this process as a Ray driver (on the cluster in RAY_ADDRESS,
 e.g. the local stack after `eval "$(kosmos-g local env)"`, else a local Ray).
 `all` runs data construction and the three stages in order, each starting from
 the model the previous one registered; with `--preset mini` it first trains (or reuses) the
-miniature world's mini CLIP and mini decoder, and construction runs its `world` preset (the
+miniature world's two mini CLIPs and its mini decoder, and construction runs its `world` preset (the
 world's stand-ins for the captioner, entity extractor and segmenter).
 """
 
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if args.preset == "mini":
         from kosmos_g.platform.train.backbone_job import main as backbone_main
 
-        for kind in ("clip", "decoder"):
+        for kind in ("clip", "text-clip", "decoder"):
             print(f"=== mini {kind} ===", flush=True)
             status = backbone_main(kind, ["--preset", "mini"])
             if status:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded local stack, from a fresh clone: set up .venv, start the stack,
-# then the miniature world's whole chain as Ray jobs (docs/REPRODUCTION.md): the mini CLIP and
-# mini decoder (the frozen backbones), the compositional shards (construction with the world's
+# then the miniature world's whole chain as Ray jobs (docs/REPRODUCTION.md): the two mini CLIPs and
+# the mini decoder (the frozen backbones), the compositional shards (construction with the world's
 # stand-ins for its models), then Kosmos-G stages 1-3. A step whose exact config is
 # already registered is reused, so re-running costs minutes. `--tiny` runs only stage 3 of the
 # tiny random model on the bundled sample shards instead (a couple of minutes).
@@ -18,6 +18,7 @@ if [[ "${1:-}" == "--tiny" ]]; then
     ray job submit -- python pipelines/instruct.py --preset tiny "$@"
 else
     ray job submit -- python pipelines/mini_clip.py --preset mini
+    ray job submit -- python pipelines/mini_text_clip.py --preset mini
     ray job submit -- python pipelines/mini_decoder.py --preset mini
     ray job submit -- python pipelines/construct.py --preset world
     ray job submit -- python pipelines/pretrain.py --preset mini

@@ -4,7 +4,7 @@ frozen mini CLIP text encoder's 77 hidden states, as SD v1.5 is on CLIP ViT-L/14
 
 Each task's bundle is the layout the real model loads from: a transformers `CLIPModel` folder with
 its tokenizer; a diffusers Stable Diffusion folder (unet/, vae/, scheduler/, text_encoder/,
-tokenizer/, model_index.json). The job driver is pipelines/mini_backbones.py.
+tokenizer/, model_index.json). The job driver is backbone_job.py.
 """
 
 from __future__ import annotations
@@ -24,18 +24,20 @@ from kosmos_g.platform.data.datastream import DataConfig
 from kosmos_g.platform.train.config import OptimConfig, TrainConfig
 from kosmos_g.platform.train.task import Task
 
-KINDS = ("clip", "decoder")
+KINDS = ("clip", "text-clip", "decoder")
 
 
 @dataclass
 class BackboneConfig:
-    kind: str = "clip"  # "clip" or "decoder" (VAE, then U-Net)
+    # "clip": the MLLM's vision tower (scenes and close-ups); "text-clip": the decoder's text
+    # encoder (scenes only); "decoder": VAE, then U-Net on the frozen text-clip.
+    kind: str = "clip"
     name: str = "mini-clip"  # Ray Train run directory and MLflow run key
     storage_path: str | None = None  # checkpoints; None: $KOSMOS_STORAGE_ROOT/ray-train
     register: bool = True
     force: bool = False  # train even when a version for this exact config is registered
     # decoder: the frozen mini CLIP whose text encoder conditions the U-Net ("auto": the newest
-    # registered kosmos-g-mini-clip; or a models:/, runs:/ or storage URI of a CLIP folder).
+    # registered kosmos-g-mini-text-clip; or a models:/, runs:/ or storage URI of a CLIP folder).
     clip_model: str = "auto"
     vae_steps: int = 800  # decoder: VAE steps, before the U-Net's train.steps
     clip: MiniClipConfig = field(default_factory=MiniClipConfig)
@@ -47,6 +49,10 @@ class BackboneConfig:
     @property
     def pipeline(self) -> str:
         return f"mini-{self.kind}"
+
+    @property
+    def trains_clip(self) -> bool:
+        return self.kind in ("clip", "text-clip")
 
     @property
     def registered_name(self) -> str:

@@ -1,6 +1,6 @@
 """The miniature world's backbone jobs at tiny size, on the real stack (Ray Train + DeepSpeed, S3,
-MLflow): the mini CLIP, then the mini decoder (VAE, then U-Net on the frozen mini CLIP); each loss
-falls, each result is registered in the layout real CLIP / SD v1.5 load from, and a second run of
+MLflow): the mini CLIP (the MLLM's vision tower), the text CLIP, then the mini decoder (VAE, then
+U-Net on the frozen text CLIP); each loss falls, each result is registered in the layout real CLIP / SD v1.5 load from, and a second run of
 the same config reuses the registered version."""
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ def _clip_config(world_prefix: str):
                                                                                  "name=mini-clip-test"])
 
 
+def _text_clip_config(world_prefix: str):
+    return backbone_presets("text-clip").get("tiny", _common(world_prefix, "captions") + [
+        "train.steps=24", "name=mini-text-clip-test"])
+
+
 def _decoder_config(world_prefix: str, clip: str):
     return backbone_presets("decoder").get("tiny", _common(world_prefix, "captions") + [
         f"clip_model=models:/{clip}", "train.steps=24", "vae_steps=16", "name=mini-decoder-test"])
@@ -74,22 +79,31 @@ def test_mini_clip_then_mini_decoder(world_prefix):
         assert 0.0 <= binding[name] <= 1.0, (name, binding)
 
     assert run_backbone(clip_cfg) == clip  # same config: the registered version is reused
-    # A decoder's fingerprint names the CLIP version it is conditioned on, not "the latest".
-    latest = _decoder_config(world_prefix, clip)
+
+    # The decoder's text encoder: a CLIP of its own, trained on whole-scene captions only.
+    text_clip = run_backbone(_text_clip_config(world_prefix))
+    assert text_clip and text_clip.startswith("kosmos-g-mini-text-clip/")
+    first, last = _loss_fell(_run_of(text_clip))
+    assert last < first, (first, last)
+    assert tracking.client().get_run(_run_of(text_clip)).data.params["data.captions"].endswith("/world/captions")
+    # A decoder's fingerprint names the text CLIP version it is conditioned on, not "the latest".
+    latest = _decoder_config(world_prefix, text_clip)
     latest.clip_model = "auto"
-    assert pinned_fingerprint(latest) == pinned_fingerprint(_decoder_config(world_prefix, clip))
-    assert latest.clip_model == tracking.pin_model_uri("models:/kosmos-g-mini-clip/latest")
-    other = _decoder_config(world_prefix, clip)
-    other.clip_model = "models:/kosmos-g-mini-clip/999"
+    assert pinned_fingerprint(latest) == pinned_fingerprint(_decoder_config(world_prefix, text_clip))
+    assert latest.clip_model == tracking.pin_model_uri("models:/kosmos-g-mini-text-clip/latest")
+    other = _decoder_config(world_prefix, text_clip)
+    other.clip_model = "models:/kosmos-g-mini-text-clip/999"
     assert fingerprint(other, NOT_DECIDING) != pinned_fingerprint(latest)
 
-    decoder = run_backbone(_decoder_config(world_prefix, clip))
+    decoder = run_backbone(_decoder_config(world_prefix, text_clip))
     assert decoder and decoder.startswith("kosmos-g-mini-decoder/")
     # Its run (checkpoints, MLflow run key) is named after the CLIP version it is conditioned on, so
     # the same job on a newer CLIP starts a run of its own rather than meeting these checkpoints.
     run_key = tracking.client().get_run(_run_of(decoder)).data.tags["kosmos_g.run_key"]
-    assert run_key == decoder_run_name("mini-decoder-test", f"models:/{clip}") == f"mini-decoder-test-clip{clip.split('/')[1]}"
-    assert decoder_run_name(run_key, f"models:/{clip}") == run_key
+    assert run_key == decoder_run_name("mini-decoder-test", f"models:/{text_clip}") \
+        == f"mini-decoder-test-textclip{text_clip.split('/')[1]}"
+    assert decoder_run_name(run_key, f"models:/{text_clip}") == run_key
+    assert decoder_run_name("d", f"models:/{clip}") == f"d-clip{clip.split('/')[1]}"
     assert decoder_run_name("d", "s3://bucket/clip") != decoder_run_name("d", "s3://bucket/other-clip")
     first, last = _loss_fell(_run_of(decoder))
     assert last < first, (first, last)
@@ -108,8 +122,8 @@ def test_mini_clip_then_mini_decoder(world_prefix):
     assert out.shape == (1, 4, 8, 8)
 
     # The wiring of the mini preset: Kosmos-G on the registered backbones (registry URIs fetched by
-    # localize): the MLLM sees through the mini CLIP's vision tower, stage 2's teacher is its text
-    # encoder inside the SD folder, stage 3 denoises through the mini U-Net.
+    # localize): the MLLM sees through the mini CLIP's vision tower, stage 2's teacher is the text
+    # CLIP's text encoder inside the SD folder, stage 3 denoises through the mini U-Net.
     from kosmos_g.models.config import model_preset
     from kosmos_g.models.kosmos_g import KosmosG
     from kosmos_g.platform.data.world import scenes
@@ -121,9 +135,10 @@ def test_mini_clip_then_mini_decoder(world_prefix):
     cfg.aligner.dim = cfg.image_decoder.condition_dim = 32
     model = KosmosG.from_config(localize(cfg))
     assert model.mllm.vision.width == 32 and model.config.image_decoder.image_size == 16
-    teacher = CLIPModel.from_pretrained(clip_dir).text_model
-    assert torch.equal(model.image_decoder.text_encoder.embeddings.token_embedding.weight,
-                       teacher.embeddings.token_embedding.weight)
+    teacher = model.image_decoder.text_encoder.embeddings.token_embedding.weight
+    text_clip_dir = tracking.resolve_artifacts(f"models:/{text_clip}")
+    assert torch.equal(teacher, CLIPModel.from_pretrained(text_clip_dir).text_model.embeddings.token_embedding.weight)
+    assert not torch.equal(teacher, CLIPModel.from_pretrained(clip_dir).text_model.embeddings.token_embedding.weight)
     scene = scenes(5, 1)[0]
     batch = model.tokenizer([[scene.render(), f" on a {scene.background} background"]])
     model.set_stage(2)
@@ -144,7 +159,7 @@ def test_mini_chain_at_reduced_size(world_prefix):
     from kosmos_g.platform.train.job import run_stage
 
     clip = run_backbone(_clip_config(world_prefix))
-    decoder = run_backbone(_decoder_config(world_prefix, clip))
+    decoder = run_backbone(_decoder_config(world_prefix, run_backbone(_text_clip_config(world_prefix))))
     world = f"{world_prefix}/world"
     assert construct.main(["--preset", "world", "--set", f"input={world}/images", "--set",
                            f"output={world}/compositional", "--set", "write_world_images=false",
