@@ -19,6 +19,10 @@ chance is 1/8 for colours and 1/4 for shapes.
     .venv/bin/python bench/mini_sweep.py --continue-decoder models:/kosmos-g-mini-decoder/1 \
         --unet-steps 1000 --score-every 250 --eval-prompts 100 --out bench/results/continue.json
         # the registered U-Net trained further: its held-out cases in words after every 250 steps
+    .venv/bin/python bench/mini_sweep.py --clip DIR/v_zero_pooled/text_encoder --seed 1 --recipes v_zero_pooled
+        # the same recipe from another seed (VAE, U-Net, batch order): how much of a result is noise
+    .venv/bin/python bench/mini_sweep.py --clip-steps 1500 --clip-schedule decay
+        # the CLIP trained here with the platform jobs' warm-up + linear decay instead of a constant lr
 """
 
 from __future__ import annotations
@@ -93,9 +97,18 @@ def unet_loss(unet, scheduler, empty: torch.Tensor, latents: torch.Tensor, condi
     return F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=condition).sample, target)
 
 
-def train(module, loss_fn, steps: int, lr: float, batch_of, label: str, optimizer=None) -> float:
+def train(module, loss_fn, steps: int, lr: float, batch_of, label: str, optimizer=None,
+          schedule: str = "constant") -> float:
+    """AdamW at a constant `lr`, or with schedule "decay" the platform jobs' (50 warm-up steps,
+    then linear decay to 0: platform/train/loop.lr_lambda)."""
     optimizer = optimizer or torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
                                                weight_decay=0.01)
+    scheduler = None
+    if schedule == "decay":
+        from kosmos_g.platform.train.config import OptimConfig
+        from kosmos_g.platform.train.loop import lr_lambda
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(OptimConfig(lr=lr, warmup_steps=50), steps))
     started, window = time.perf_counter(), []
     for step in range(1, steps + 1):
         loss = loss_fn(*batch_of(step))
@@ -103,6 +116,8 @@ def train(module, loss_fn, steps: int, lr: float, batch_of, label: str, optimize
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         window.append(float(loss.detach()))
         if step % max(1, steps // 10) == 0 or step == steps:
             print(f"[{label}] step {step}/{steps} loss {np.mean(window):.4f} "
@@ -244,6 +259,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clip", metavar="URI", help="condition on this registered/local mini CLIP's text encoder "
                                                        "(e.g. models:/kosmos-g-mini-clip/1) instead of training one")
     parser.add_argument("--clip-steps", type=int, default=600)
+    parser.add_argument("--clip-schedule", choices=("constant", "decay"), default="constant",
+                        help="the mini CLIP trained here: constant lr, or the platform jobs' warm-up + linear decay")
+    parser.add_argument("--seed", type=int, default=0, help="initialisations and batch order of what is trained here "
+                                                            "(the scenes and the scoring prompts stay the same)")
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--unet-steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=32)
@@ -292,14 +311,15 @@ def text_encoder(args, pixels: torch.Tensor, captions: list[str]):
         return CLIPTextModel.from_pretrained(local_dir(args.clip)).eval().requires_grad_(False), None
     tokens = build_clip_tokenizer()(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     ids, mask = tokens.input_ids, tokens.attention_mask
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
     clip = build_clip(MiniClipConfig())
 
     def clip_batch(_):
         i = torch.from_numpy(rng.integers(0, len(captions), 64))
         return ids[i], mask[i], clip_pixels(pixels[i])
 
-    final = train(clip, lambda a, m, p: clip_loss(clip, a, m, p), args.clip_steps, 5e-4, clip_batch, "clip")
+    final = train(clip, lambda a, m, p: clip_loss(clip, a, m, p), args.clip_steps, 5e-4, clip_batch, "clip",
+                  schedule=args.clip_schedule)
     return clip.text_model.eval().requires_grad_(False), final  # a CLIPTextModel, as SD folders hold
 
 
@@ -307,13 +327,13 @@ def sweep(args) -> dict:
     """The text encoder and the VAE once, then one U-Net per recipe from the same seed and data,
     each scored on training-split prompts and on held-out colour/background pairs."""
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     decoder_base = MiniDecoderConfig()
     pixels, captions = scene_tensors(args.scenes, 0, decoder_base.image_size)
     text, clip_final = text_encoder(args, pixels, captions)
     hidden = encode_captions(text, captions + [""])
     condition_all, empty = hidden[:-1], hidden[-1:]
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
 
     def indices(batch: int) -> torch.Tensor:
         return torch.from_numpy(rng.integers(0, len(captions), batch))
@@ -328,7 +348,8 @@ def sweep(args) -> dict:
     with torch.no_grad():
         reconstructed = vae.decode(latents_all[:256]).sample.clamp(-1, 1)
     prompts_rec = [(s.objects[0].colour, s.objects[0].shape, s.background) for s in world.scenes(0, 256, "train")]
-    results = {"clip": args.clip or "trained here", "clip_loss": clip_final, "vae_loss": vae_final,
+    results = {"clip": args.clip or f"trained here ({args.clip_steps} steps, {args.clip_schedule} lr)",
+               "seed": args.seed, "clip_loss": clip_final, "vae_loss": vae_final,
                "vae_scaling_factor": scale, "vae_reconstruction": score(reconstructed, prompts_rec), "recipes": {}}
     print(f"[vae] reconstructions read back: {results['vae_reconstruction']}", flush=True)
 
@@ -338,7 +359,7 @@ def sweep(args) -> dict:
 
     for name in args.recipes.split(","):
         cfg = MiniDecoderConfig(**RECIPES[name])
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         unet, scheduler = build_unet(cfg, condition_all.shape[-1]), build_scheduler(cfg)
         started = time.perf_counter()
         final = train(unet, lambda latents, condition: unet_loss(unet, scheduler, empty, latents, condition),
