@@ -4,15 +4,17 @@
     for batch in ds.iter_torch_batches(batch_size=8, collate_fn=collate_fn(3, model_cfg)):
         loss = model.diffusion_loss(batch, ...)
 
-Plan (`shuffle="stream"`, the default): each source's shards in a seeded random order,
-the sources interleaved in proportion to their blend weights -> read tasks that each take
-a window of `shuffle_window` consecutive shards (only the columns the stage needs),
-resample every record to its share of the epoch and shuffle the window's rows ->
-`Preprocessor` actors (decode, augment, tokenise, resize; corrupt records skipped and
-counted) -> rows that `collate_fn` pads into model batches. Nothing waits for the whole
-epoch, so the first batch costs one window whatever the dataset's size, and memory holds
-a few windows. (`"global"`: Ray Data's `random_shuffle` of the whole epoch instead, a
-barrier that materialises every record first; `"blocks"`: shard-block order only.)
+Plan (`shuffle="stream"`, the default; the plan and its reading are in windows.py): each
+source's shards in a seeded random order, the sources interleaved in proportion to their blend
+weights -> windows of `shuffle_window` consecutive shards (only the columns the stage needs),
+every record resampled to its share of the epoch and the window's rows shuffled ->
+`Preprocessor` (decode, augment, tokenise, resize; corrupt records skipped and counted) ->
+rows that `collate_fn` pads into model batches. Reading and preprocessing run together in
+`WindowReader` actors, one window (or part of one) per task, and the stream's first window is
+handed on in growing parts (256, 256, 512, 1,024 rows, then the rest), so the first batch waits
+for the actors' start and a few hundred rows whatever the dataset's size. Memory holds a few
+windows. (`"global"`: Ray Data's `random_shuffle` of the whole epoch instead, a barrier that
+materialises every record first; `"blocks"`: shard-block order only.)
 
 Stages:
 1. multimodal LM: caption text alone or `<image> caption` (captions source, chosen
@@ -27,9 +29,8 @@ conditions itself (`KosmosG.diffusion_loss(..., cond_dropout=0.1)`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +38,11 @@ import pyarrow as pa
 from kosmos_g.models.config import ModelConfig
 from kosmos_g.platform.data import precomputed, shards, skips
 from kosmos_g.platform import storage
-from kosmos_g.platform.data.examples import Preprocessor, StreamCollator, key_hash
+from kosmos_g.platform.data.examples import Preprocessor, StreamCollator
+# The blend and the stream's read plan (re-exported: jobs, tests and benches use them from here).
+from kosmos_g.platform.data.windows import (BLEND_SCHEMA, STREAM_BLOCK_BYTES, WindowReader, epoch_plan,  # noqa: F401
+                                            read_window, resample, resume_windows, source_manifest,
+                                            stream_items, stream_windows, window_starts)
 
 # Order of DataConfig.weights.
 SOURCE_ORDER = ("compositional", "editing", "captions")
@@ -49,15 +54,6 @@ STAGE_COLUMNS = {
     3: {"captions": ["key", "caption", "image"], "compositional": ["key", "caption", "image", "entities"],
         "editing": ["key", "input_caption", "input_image", "instruction", "edited_image"]},
 }
-# The one schema every resampled source is brought to, so the union is a single table type.
-BLEND_SCHEMA = pa.schema(
-    [("source", pa.string()), ("draw", pa.int32())]
-    + [field for field in shards.SCHEMAS["compositional"] if field.name not in ("width", "height")]
-    + [field for field in shards.SCHEMAS["editing"] if field.name not in ("key", "edited_caption")]
-    # Read only from precomputed sets (platform/data/precomputed.py); null otherwise.
-    + [pa.field("teacher", pa.binary()), pa.field("target_latents", pa.binary()), pa.field("target_skip", pa.string())]
-)
-
 
 @dataclass
 class DataConfig:
@@ -127,57 +123,13 @@ def stage_sources(stage: int, data: DataConfig) -> list[tuple[str, str, float]]:
     return chosen
 
 
-def epoch_plan(counts: dict[str, int], weights: dict[str, float], samples_per_epoch: int) -> dict[str, int]:
-    """Examples drawn from each source in one epoch: proportional to the weights."""
-    total_weight = sum(weights.values())
-    shares = {name: weights[name] / total_weight for name in counts}
-    empty = [name for name, count in counts.items() if count == 0]
-    if empty:
-        raise ValueError(f"shard sets without rows: {', '.join(empty)}")
-    total = samples_per_epoch or max(math.ceil(counts[n] / shares[n]) for n in counts)
-    return {name: int(round(total * shares[name])) for name in counts}
-
-
-def resample(table: pa.Table, source: str, count: int, target: int, seed: int) -> pa.Table:
-    """Ray Data UDF: repeat each record to reach `target` draws from `count` records.
-
-    Every record is drawn `target // count` times, and once more when a hash of
-    (seed, source, key) falls under the remainder fraction: deterministic and
-    independent of how the shards are split into blocks."""
-    base, remainder = divmod(target, count)
-    fraction = remainder / count
-    keys = table.column("key").to_pylist()
-    extra = np.array([key_hash(seed, source, key) / 2.0**64 < fraction for key in keys], dtype=np.int64)
-    repeats = base + extra
-    index = np.repeat(np.arange(len(keys)), repeats)
-    draws = np.concatenate([np.arange(r) for r in repeats]) if len(keys) else np.zeros(0, np.int64)
-    taken = table.take(pa.array(index, type=pa.int64()))
-    columns = {}
-    for field in BLEND_SCHEMA:
-        if field.name == "source":
-            columns["source"] = pa.array([source] * len(index), pa.string())
-        elif field.name == "draw":
-            columns["draw"] = pa.array(draws.astype(np.int32), pa.int32())
-        elif field.name in taken.column_names:
-            columns[field.name] = taken.column(field.name).cast(field.type)
-        else:
-            columns[field.name] = pa.nulls(len(index), field.type)
-    return pa.table(columns, schema=BLEND_SCHEMA)
-
-
-def _manifest(name: str, prefix: str) -> shards.Manifest:
-    manifest = shards.read_manifest(prefix)
-    if manifest.source != name:
-        raise shards.ShardError(f"{prefix} holds {manifest.source!r} shards, expected {name!r}")
-    return manifest
-
 
 def _read_source(name: str, prefix: str, columns: list[str], data: DataConfig, sibling: str | None = None):
     """(records of one source, their count); with `sibling`, its precomputed columns joined
     shard by shard (precomputed.read_shard), else Ray Data's parquet reader."""
     import ray
 
-    manifest = _manifest(name, prefix)
+    manifest = source_manifest(name, prefix)
     uris = manifest.shard_uris(prefix)
     filesystem, _ = storage.pyarrow_filesystem(prefix)
     if sibling is not None:
@@ -209,16 +161,21 @@ def blended_records(stage: int, data: DataConfig, columns: dict[str, list[str]] 
 
     `siblings` ({source: prefix}, `precomputed.find`): read each source's precomputed columns
     with its records, and not the record columns they replace."""
-    sources = stage_sources(stage, data)
-    siblings = siblings or {}
-    columns = {name: precomputed.read_columns(stage, name, list(names), name in siblings)
-               for name, names in (columns or STAGE_COLUMNS[stage]).items()}
+    sources, siblings = stage_sources(stage, data), siblings or {}
+    columns = _read_columns(stage, columns, siblings)
     if data.shuffle == "stream":
         ds = _streamed_records(sources, columns, data, start_row, rows, siblings)
     else:
         ds = _shuffled_records(sources, columns, data, siblings)
     ds.context.execution_options.preserve_order = data.preserve_order
     return ds
+
+
+def _read_columns(stage: int, columns: dict[str, list[str]] | None, siblings: dict[str, str]) -> dict:
+    """{source: the columns read from its shards}: `columns` (default: the stage's), with the
+    precomputed ones in place of those they replace where a source has `siblings`."""
+    return {name: precomputed.read_columns(stage, name, list(names), name in siblings)
+            for name, names in (columns or STAGE_COLUMNS[stage]).items()}
 
 
 def _shuffled_records(sources, columns: dict[str, list[str]], data: DataConfig, siblings: dict[str, str]):
@@ -241,107 +198,26 @@ def _shuffled_records(sources, columns: dict[str, list[str]], data: DataConfig, 
     return ds
 
 
-def stream_windows(sources, data: DataConfig, siblings: dict[str, str] | None = None) -> list[list[dict]]:
-    """The read plan of one epoch: windows of `shuffle_window` shards, each shard a dict of
-    (source, uri, count, target). Each source's shards are permuted with the seed, then all
-    are merged by how far into its source each shard lies, so every stretch of the epoch
-    draws from the sources in proportion to their shares."""
-    if data.shuffle_window < 1:
-        raise ValueError(f"shuffle_window must be at least 1, got {data.shuffle_window}")
-    manifests = {name: _manifest(name, prefix) for name, prefix, _ in sources}
-    plan = epoch_plan({name: m.count for name, m in manifests.items()},
-                      {name: weight for name, _, weight in sources}, data.samples_per_epoch)
-    rng = np.random.default_rng(data.seed)
-    placed = []
-    for order, (name, prefix, _) in enumerate(sources):
-        manifest, uris = manifests[name], manifests[name].shard_uris(prefix)
-        done = 0
-        for index in rng.permutation(len(uris)):
-            rows = int(manifest.shards[index]["rows"])
-            middle = (done + rows / 2) / manifest.count  # how far into its source this shard lies
-            placed.append((middle, order, {"source": name, "uri": uris[index], "rows": rows,
-                                           "count": manifest.count, "target": plan[name],
-                                           "sibling": storage.join(siblings[name], manifest.shards[index]["path"])
-                                           if name in (siblings or {}) else None}))
-            done += rows
-    merged = [shard for _, _, shard in sorted(placed, key=lambda item: item[:2])]
-    return [merged[i:i + data.shuffle_window] for i in range(0, len(merged), data.shuffle_window)]
-
-
-# Rows per block a read task hands on, and the most bytes Ray Data gathers into one block:
-# small enough that preprocessing and training start before a window is done.
-STREAM_BLOCK_ROWS = 256
-STREAM_BLOCK_BYTES = 8 * 1024 * 1024
-
-
-def read_window(batch: pa.Table, columns: dict[str, list[str]], seed: int, filesystems: dict) -> Iterator[pa.Table]:
-    """Ray Data UDF: one window of shards -> its records resampled (as `resample`) and shuffled,
-    in blocks of STREAM_BLOCK_ROWS."""
-    import json
-
-    for window, plan in zip(batch.column("window").to_pylist(), batch.column("shards").to_pylist()):
-        parts = []
-        for shard in json.loads(plan):
-            table = precomputed.read_shard(shard["uri"], columns[shard["source"]], filesystems[shard["source"]],
-                                           shard.get("sibling"))
-            parts.append(resample(table, shard["source"], shard["count"], shard["target"], seed))
-        records = pa.concat_tables(parts)
-        order = np.random.default_rng([seed, window]).permutation(records.num_rows)
-        records = records.take(pa.array(order, type=pa.int64()))
-        for start in range(0, records.num_rows, STREAM_BLOCK_ROWS):
-            yield records.slice(start, STREAM_BLOCK_ROWS)
-
-
-def window_starts(windows: list[list[dict]]) -> tuple[list[float], float]:
-    """(expected rows of the epoch before each window, rows of the epoch): a shard draws
-    rows × target / count records. Expected, not counted: resampling decides per record."""
-    starts, total = [], 0.0
-    for window in windows:
-        starts.append(total)
-        total += sum(shard["rows"] * shard["target"] / shard["count"] for shard in window)
-    return starts, total
-
-
-def resume_windows(windows: list[list[dict]], start_row: int, rows: int | None) -> list[int]:
-    """Window indices (into the epoch's plan, repeated epoch after epoch) of a stream that begins
-    at the first whole window at or after `start_row` rows into the stream and then holds at
-    least `rows` rows (None: to the end of that epoch). A resumed job reads on from where its
-    checkpoint left off instead of replaying the epoch's first windows; the rows between the
-    checkpoint and that window boundary are skipped, never read twice."""
-    starts, epoch_rows = window_starts(windows)
-    if epoch_rows <= 0:
-        return list(range(len(windows)))
-    position = float(start_row) % epoch_rows  # the plan repeats epoch after epoch
-    first = next((i for i, start in enumerate(starts) if start >= position - 1e-6), len(windows))
-    indices = list(range(first, len(windows)))
-    if rows is None:
-        return indices or list(range(len(windows)))
-    held = epoch_rows - (starts[first] if first < len(windows) else epoch_rows)
-    while held < rows or not indices:
-        indices += range(len(windows))
-        held += epoch_rows
-    return indices
 
 
 def _streamed_records(sources, columns: dict[str, list[str]], data: DataConfig, start_row: int = 0,
                       rows: int | None = None, siblings: dict[str, str] | None = None):
     """`stream_windows` as a dataset of windows, read by tasks that resample and shuffle each;
     from `start_row` on and for `rows` rows (see `resume_windows`)."""
-    import json
+    items, filesystems = stream_items(sources, data, start_row, rows, siblings)
+    return _over_windows(items, data, read_window, fn_args=(columns, data.seed, filesystems))
 
+
+def _over_windows(items: list[dict], data: DataConfig, fn: Callable, **map_args):
+    """The stream's window items as a dataset mapped by `fn`, one item per call."""
     import ray
 
-    windows = stream_windows(sources, data, siblings)
-    order = resume_windows(windows, start_row, rows) if (start_row or rows) else range(len(windows))
-    items = [{"window": i, "shards": json.dumps(windows[i])} for i in order]
-    filesystems = {name: storage.pyarrow_filesystem(prefix)[0] for name, prefix, _ in sources}
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_window, fn_args=(columns, data.seed, filesystems), batch_format="pyarrow", batch_size=1,
-        num_cpus=data.num_cpus)
+        fn, batch_format="pyarrow", batch_size=1, num_cpus=data.num_cpus, **map_args)
     # Ray Data holds a task's output back until a block reaches this size: with the default (128
-    # MiB) a window of small records, and the preprocessing fused after it, would come out whole,
-    # and the first batch would wait for a whole window.
+    # MiB) a window of small records would come out whole, and the first batch would wait for it.
     ds.context.target_max_block_size = STREAM_BLOCK_BYTES
+    ds.context.execution_options.preserve_order = data.preserve_order
     return ds
 
 
@@ -358,17 +234,32 @@ def training_dataset(stage: int, data: DataConfig, model: ModelConfig, start_row
     counted under `data.skip_counter` (see `skip_counts`); `start_row`, `rows` and `siblings`
     as in `blended_records`."""
     skips.ensure_counter(data.skip_counter)
-    ds = blended_records(stage, data, start_row=start_row, rows=rows, siblings=siblings)
-    ds = ds.map_batches(
-        Preprocessor, fn_constructor_kwargs={"stage": stage, "data": data, "model": model},
-        batch_format="pyarrow", batch_size=data.batch_size, num_cpus=data.num_cpus, compute=_pool(data),
-    )
+    ds = preprocessed_stream(stage, data, Preprocessor, {"stage": stage, "data": data, "model": model},
+                             start_row=start_row, rows=rows, siblings=siblings)
     if stage == 1 and data.pack_length > 0:
         from kosmos_g.platform.data.packing import pack_table
 
         ds = ds.map_batches(pack_table, fn_args=(data.pack_length,), batch_format="pyarrow",
                             batch_size=data.pack_window, num_cpus=0.25)
     return ds
+
+
+def preprocessed_stream(stage: int, data: DataConfig, preprocessor: Callable, kwargs: dict,
+                        columns: dict[str, list[str]] | None = None, start_row: int = 0,
+                        rows: int | None = None, siblings: dict[str, str] | None = None):
+    """`blended_records` (same arguments) through `preprocessor(**kwargs)` in a pool of actors, in
+    batches of `data.batch_size` pyarrow rows. The `stream` shuffle reads each window in the actor
+    that preprocesses it (`WindowReader`); the others read first, then preprocess."""
+    if data.shuffle != "stream":
+        return blended_records(stage, data, columns, start_row, rows, siblings).map_batches(
+            preprocessor, fn_constructor_kwargs=kwargs, batch_format="pyarrow", batch_size=data.batch_size,
+            num_cpus=data.num_cpus, compute=_pool(data))
+    sources, siblings = stage_sources(stage, data), siblings or {}
+    columns = _read_columns(stage, columns, siblings)
+    items, filesystems = stream_items(sources, data, start_row, rows, siblings)
+    reader_kwargs = {"preprocessor": preprocessor, "kwargs": kwargs, "columns": columns, "seed": data.seed,
+                     "filesystems": filesystems, "batch_size": data.batch_size}
+    return _over_windows(items, data, WindowReader, fn_constructor_kwargs=reader_kwargs, compute=_pool(data))
 
 
 def collate_fn(stage: int, model: ModelConfig) -> Callable[[dict[str, np.ndarray]], dict[str, Any]]:

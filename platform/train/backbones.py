@@ -104,13 +104,10 @@ def to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 def backbone_dataset(cfg: BackboneConfig, pixels: str, image_size: int):
-    from kosmos_g.platform.data.datastream import _pool, blended_records
+    from kosmos_g.platform.data.datastream import preprocessed_stream
 
-    records = blended_records(2, cfg.data, {"captions": ["key", "caption", "image"]})
-    return records.map_batches(BackbonePreprocessor, fn_constructor_kwargs={"image_size": image_size,
-                                                                             "pixels": pixels},
-                               batch_format="pyarrow", batch_size=cfg.data.batch_size,
-                               num_cpus=cfg.data.num_cpus, compute=_pool(cfg.data))
+    return preprocessed_stream(2, cfg.data, BackbonePreprocessor, {"image_size": image_size, "pixels": pixels},
+                               {"captions": ["key", "caption", "image"]})
 
 
 # ------------------------------------------------------------------ tasks

@@ -12,7 +12,7 @@ import torch
 
 from kosmos_g.models.images import clip_preprocess, vae_preprocess
 from kosmos_g.models.prompt import BATCH_KEYS
-from kosmos_g.platform.data import datastream, imaging, samples, shards
+from kosmos_g.platform.data import datastream, imaging, samples, shards, windows
 from kosmos_g.platform.data.datastream import DataConfig, collate_fn, training_dataset
 from kosmos_g.platform.data.examples import Preprocessor
 
@@ -258,6 +258,33 @@ def test_stream_shuffle_reorders_the_global_epoch_without_a_barrier(ray_local, m
     # Rows are shuffled within a window: not in the order the shards hold them.
     first_window_keys = [key for _, key, _ in streamed[:8]]
     assert first_window_keys != sorted(first_window_keys)
+
+
+def test_windows_go_on_in_parts_the_first_in_growing_ones(many_shards, monkeypatch):
+    """Ray Data passes a task's output on only when the task ends (or a block is full), so the
+    stream hands its first window to the preprocessing actors in parts of 1, 1, 2, 4, ... head rows
+    (the first batch waits for the first part, not the window), and cuts windows that draw more
+    than STREAM_PART_ROWS into parts for several actors. The parts hold exactly each window's
+    rows in the window's order."""
+    monkeypatch.setattr(windows, "STREAM_HEAD_ROWS", 1)
+    monkeypatch.setattr(windows, "STREAM_PART_ROWS", 6)
+    data = _config(many_shards, samples_per_epoch=60, seed=5, shuffle_window=4)  # 3 windows of ~20 draws
+    items, filesystems = windows.stream_items(datastream.stage_sources(1, data), data, 0, None, None)
+    parts = [[item["part"] for item in items if item["window"] == window] for window in (0, 1, 2)]
+    assert parts[0] == [[0, 1], [1, 2], [2, 4], [4, 8], [8, 14], [14, None]]
+    assert parts[1] == parts[2] == [[0, 6], [6, 12], [12, None]]
+    columns = {source: ["key"] for source in ("captions", "compositional")}
+
+    def rows(chosen: list[dict]) -> list[tuple]:
+        tables = windows.read_window(pa.Table.from_pylist(chosen), columns, data.seed, filesystems)
+        return [(row["source"], row["key"], row["draw"]) for table in tables for row in table.to_pylist()]
+
+    whole = [rows([dict(next(item for item in items if item["window"] == window), part=None)]) for window in (0, 1, 2)]
+    assert all(len(window) > 14 for window in whole)
+    assert rows(items) == whole[0] + whole[1] + whole[2]
+    monkeypatch.setattr(windows, "STREAM_PART_ROWS", 8192)  # the default: small windows go whole
+    items, _ = windows.stream_items(datastream.stage_sources(1, data), data, 0, None, None)
+    assert [item["part"] for item in items] == [[0, 1], [1, 2], [2, 4], [4, 8], [8, None], None, None]
 
 
 def test_a_resumed_stream_continues_at_the_next_window_boundary(ray_local, many_shards):
