@@ -171,13 +171,18 @@ def _concat(batches: list) -> Any:
     return {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
 
 
+def window_rows(window: list[dict]) -> float:
+    """Rows a window is expected to draw: a shard draws rows × target / count records. Expected,
+    not counted: resampling decides per record."""
+    return sum(shard["rows"] * shard["target"] / shard["count"] for shard in window)
+
+
 def window_starts(windows: list[list[dict]]) -> tuple[list[float], float]:
-    """(expected rows of the epoch before each window, rows of the epoch): a shard draws
-    rows × target / count records. Expected, not counted: resampling decides per record."""
+    """(expected rows of the epoch before each window, rows of the epoch)."""
     starts, total = [], 0.0
     for window in windows:
         starts.append(total)
-        total += sum(shard["rows"] * shard["target"] / shard["count"] for shard in window)
+        total += window_rows(window)
     return starts, total
 
 
@@ -212,9 +217,8 @@ def stream_items(sources, data: DataConfig, start_row: int = 0, rows: int | None
     order = resume_windows(windows, start_row, rows) if (start_row or rows) else range(len(windows))
     items = []
     for position, window in enumerate(order):
-        expected = sum(shard["rows"] * shard["target"] / shard["count"] for shard in windows[window])
         items += [{"window": window, "shards": json.dumps(windows[window]), "part": part}
-                  for part in _parts(expected, head=position == 0)]
+                  for part in _parts(window_rows(windows[window]), head=position == 0)]
     filesystems = {name: storage.pyarrow_filesystem(prefix)[0] for name, prefix, _ in sources}
     return items, filesystems
 
