@@ -123,7 +123,6 @@ def stage_sources(stage: int, data: DataConfig) -> list[tuple[str, str, float]]:
     return chosen
 
 
-
 def _read_source(name: str, prefix: str, columns: list[str], data: DataConfig, sibling: str | None = None):
     """(records of one source, their count); with `sibling`, its precomputed columns joined
     shard by shard (precomputed.read_shard), else Ray Data's parquet reader."""
@@ -196,8 +195,6 @@ def _shuffled_records(sources, columns: dict[str, list[str]], data: DataConfig, 
     elif data.shuffle != "none":
         raise ValueError(f"shuffle must be 'stream', 'global', 'blocks' or 'none', got {data.shuffle!r}")
     return ds
-
-
 
 
 def _streamed_records(sources, columns: dict[str, list[str]], data: DataConfig, start_row: int = 0,
