@@ -8,10 +8,14 @@ measured in one run.
 `--fair` compares like with like: one Ray Train worker with the plain loop's intra-op threads
 (all the machine's cores; Ray is started with that many more logical CPUs so the stream's tasks
 still get scheduled), the plain loop pinned to the same thread count, and both reading the same
-stream materialised in Ray's object store beforehand, so neither waits for preprocessing and
-the ratio is the trainer's own cost (Ray Train, DeepSpeed, metrics, checkpoints) per step.
+stream materialised in Ray's object store beforehand (one epoch covers the run), so neither
+waits for preprocessing and the ratio is the trainer's own cost (Ray Train, DeepSpeed, metrics,
+checkpoints) per step. This machine's speed drifts by tens of percent from minute to minute, so
+`--fair` alternates the two `--rounds` times (plain, Ray Train, plain, Ray Train, ..., plain) and
+takes each Ray Train run against the mean of the plain runs either side of it.
 
-Prints steps/s of each (steady state, after the first logged window), their
+Prints steps/s of each (steady state, after the first logged window; evaluation and checkpoint
+time is left out of the Ray Train rates, as the plain loop does neither), their
 ratio, the wall-clock time including start-up, and the fraction of step time
 the Ray Train workers spent waiting for data. Runs self-contained: MLflow goes
 to a temporary sqlite store and data/checkpoints to a temporary directory unless
@@ -32,10 +36,10 @@ def prepare_environment(workdir: str) -> None:
     os.environ.setdefault("KOSMOS_STORAGE_ROOT", f"{workdir}/storage")
 
 
-# A size where one step takes well over 0.5 s on a 2-core CPU, so per-step overheads are a
-# small share of the step (the tiny model's steps take a few milliseconds).
+# A size where one step takes over 0.5 s on a 2-core CPU (0.5-0.7 s measured), so per-step
+# overheads are a small share of the step (the tiny model's steps take a few milliseconds).
 LARGER = ["model.mllm.dim=256", "model.mllm.num_layers=4", "model.mllm.num_heads=8", "model.mllm.ffn_dim=1024",
-          "model.mllm.resampler_heads=8", "train.batch_size=8"]
+          "model.mllm.resampler_heads=8", "train.batch_size=24"]
 
 
 def stage_config(stage: int, steps: int, workers: int, overrides: list[str] | None = None):
@@ -122,16 +126,20 @@ def ray_train_loop(cfg, dataset=None) -> dict[str, float]:
     wall = time.perf_counter() - started
     history = tracking.client().get_metric_history(run_id, "samples_per_s")
     waits = tracking.client().get_metric_history(run_id, "data_wait_fraction")
-    steady = [m.value for m in history if m.step > cfg.train.log_every]
+    # Steady state as the plain loop measures it: the steps after the first logged window over
+    # the time they took (each window's time is its samples over its rate).
     samples_per_step = cfg.train.batch_size * cfg.train.num_workers
-    return {"steps_per_s": sum(steady) / len(steady) / samples_per_step, "wall_s": wall,
+    steady = [m for m in history if m.step > cfg.train.log_every]
+    steady_steps = cfg.train.log_every * len(steady)  # --steps is a multiple of log_every
+    steady_seconds = sum(cfg.train.log_every * samples_per_step / m.value for m in steady)
+    return {"steps_per_s": steady_steps / steady_seconds, "wall_s": wall,
             "data_wait_fraction": sum(m.value for m in waits) / len(waits)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", type=int, default=3, choices=[1, 2, 3])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=40, help="a multiple of 10 (the log window)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--size", choices=["tiny", "larger"], default="tiny",
                         help="'larger': a wider MLLM so that one step takes >= 0.5 s on 2 cores")
@@ -139,12 +147,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra stage-config overrides (repeatable)")
     parser.add_argument("--fair", action="store_true",
                         help="one worker with the plain loop's threads, both on the same materialised stream")
+    parser.add_argument("--rounds", type=int, default=3, help="--fair: Ray Train runs, each between two plain runs")
     args = parser.parse_args(argv)
+    if args.steps % 10 or args.steps < 20:
+        parser.error("--steps must be a multiple of 10, at least 20 (the first window is warm-up)")
     overrides = (LARGER if args.size == "larger" else []) + args.overrides
     threads = os.cpu_count() or 1
     if args.fair:
         args.workers = 1
-        overrides = [f"train.cpus_per_worker={threads}", "data.samples_per_epoch=64"] + overrides
+        overrides = [f"train.cpus_per_worker={threads}"] + overrides
     with tempfile.TemporaryDirectory(prefix="kosmos-bench-") as workdir:
         prepare_environment(workdir)
         from kosmos_g.platform.stack import cluster
@@ -152,30 +163,48 @@ def main(argv: list[str] | None = None) -> int:
         # --fair: the worker reserves every core; the stream's tasks need logical CPUs beside it.
         cluster.connect(num_cpus=2 * threads if args.fair else None)
         cfg = stage_config(args.stage, args.steps, args.workers, overrides)
-        dataset = None
-        if args.fair:
-            from kosmos_g.platform.data.datastream import training_dataset
-
-            dataset = training_dataset(cfg.stage, cfg.data, cfg.model).materialize()
-        plain = plain_loop(cfg, dataset, threads if args.fair else None)
-        ray_train = ray_train_loop(cfg, dataset)
-        if args.fair:
-            # This machine's speed drifts by tens of percent between minutes: the plain loop runs
-            # again after Ray Train, and the ratio is taken against the mean of its two runs.
-            again = plain_loop(cfg, dataset, threads)
-            print(f"plain loop before / after Ray Train: {plain['steps_per_s']:.2f} / {again['steps_per_s']:.2f} steps/s")
-            plain = {name: (plain[name] + again[name]) / 2 for name in plain}
+        if not args.fair:
+            rows = [(plain_loop(cfg), ray_train_loop(cfg))]
+        else:
+            rows = fair_rounds(args, overrides, threads)
     global_batch = cfg.train.batch_size * cfg.train.num_workers
     print(f"stage {args.stage}, {args.size} model, {args.steps} steps, global batch {global_batch}, "
           f"{args.workers} Ray Train workers × {cfg.train.cpus_per_worker} CPU, {os.cpu_count()} cores"
           + (f"; fair: 1 process × {threads} threads each side, stream materialised first" if args.fair else ""))
-    print(f"plain PyTorch loop (1 process):  {plain['steps_per_s']:.2f} steps/s steady"
-          + (" (mean of the two runs)" if args.fair else "") + ", "
-          f"{plain['wall_s']:.1f} s wall, data wait {plain['data_wait_fraction']:.0%}")
-    print(f"Ray Train + DeepSpeed:           {ray_train['steps_per_s']:.2f} steps/s steady, "
-          f"{ray_train['wall_s']:.1f} s wall incl. start-up, data wait {ray_train['data_wait_fraction']:.0%}")
-    print(f"ratio Ray Train / plain steps/s: {ray_train['steps_per_s'] / plain['steps_per_s']:.2f}")
+    print("| run | plain steps/s | Ray Train steps/s | ratio | Ray data wait | Ray wall incl. start-up |")
+    print("|---|---|---|---|---|---|")
+    ratios = []
+    for number, (plain, ray_train) in enumerate(rows, start=1):
+        ratios.append(ray_train["steps_per_s"] / plain["steps_per_s"])
+        print(f"| {number} | {plain['steps_per_s']:.2f} | {ray_train['steps_per_s']:.2f} | {ratios[-1]:.2f} | "
+              f"{ray_train['data_wait_fraction']:.0%} | {ray_train['wall_s']:.0f} s |")
+    ratios.sort()
+    print(f"ratio Ray Train / plain steps/s: median {ratios[len(ratios) // 2]:.2f} "
+          f"(min {ratios[0]:.2f}, max {ratios[-1]:.2f}, {len(ratios)} run(s))")
     return 0
+
+
+def fair_rounds(args, overrides: list[str], threads: int) -> list[tuple[dict, dict]]:
+    """plain, Ray Train, plain, ...: each Ray Train run against the mean of its neighbours."""
+    from kosmos_g.platform.data.datastream import training_dataset
+
+    cfg = stage_config(args.stage, args.steps, 1, overrides)
+    # One epoch covers the run, so neither side restarts its iterator mid-run.
+    cfg.data.samples_per_epoch = args.steps * cfg.train.batch_size
+    dataset = training_dataset(cfg.stage, cfg.data, cfg.model).materialize()
+    plains = [plain_loop(cfg, dataset, threads)]
+    rows = []
+    for _ in range(args.rounds):
+        # A fresh run name each round: the same name would resume from the last round's checkpoint.
+        round_cfg = stage_config(args.stage, args.steps, 1, overrides)
+        round_cfg.data.samples_per_epoch = cfg.data.samples_per_epoch
+        ray_train = ray_train_loop(round_cfg, dataset)
+        plains.append(plain_loop(cfg, dataset, threads))
+        before, after = plains[-2], plains[-1]
+        print(f"round {len(rows) + 1}: plain {before['steps_per_s']:.2f}, Ray Train {ray_train['steps_per_s']:.2f}, "
+              f"plain {after['steps_per_s']:.2f} steps/s")
+        rows.append(({name: (before[name] + after[name]) / 2 for name in before}, ray_train))
+    return rows
 
 
 if __name__ == "__main__":

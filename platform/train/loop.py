@@ -205,7 +205,8 @@ def maybe_inject_failure(cfg, step: int, rank: int, marker_uri: str) -> None:
 
 
 class Throughput:
-    """Samples/s, tokens/s and the fraction of time spent waiting for data."""
+    """Samples/s, tokens/s and the fraction of time spent waiting for data, over the training
+    steps of a window: evaluation and checkpoints run `paused()` and do not count."""
 
     def __init__(self):
         self.reset()
@@ -214,6 +215,14 @@ class Throughput:
         self.started = time.perf_counter()
         self.samples = self.tokens = self.steps = 0
         self.data_wait = 0.0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.started += time.perf_counter() - began
 
     def add(self, counts: tuple[int, int], waited: float) -> None:
         self.samples += counts[0]
@@ -264,7 +273,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         waited = time.perf_counter() - waited
         if eval_batch is None and rank == 0:
             eval_batch = batch
-            logger.log_metrics({"eval_loss": eval_loss(engine.module, eval_batch, cfg, task)}, step)
+            with meter.paused():
+                logger.log_metrics({"eval_loss": eval_loss(engine.module, eval_batch, cfg, task)}, step)
         losses = forward_backward(engine, batch, cfg, task)
         if not math.isfinite(losses["loss"]):
             raise FloatingPointError(f"loss became {losses['loss']} at step {step}")
@@ -274,7 +284,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         window.append(losses["loss"])
         logger.log_metrics({**losses, "lr": engine.get_lr()[0]}, step)
         if rank == 0 and (step % (cfg.train.eval_every or cfg.train.checkpoint_every) == 0 or step == cfg.train.steps):
-            logger.log_metrics({"eval_loss": eval_loss(engine.module, eval_batch, cfg, task)}, step)
+            with meter.paused():
+                logger.log_metrics({"eval_loss": eval_loss(engine.module, eval_batch, cfg, task)}, step)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             rates = meter.metrics(world_size)
             logger.log_metrics(rates, step)
@@ -287,6 +298,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             final = step == cfg.train.steps
             # Metrics up to a checkpoint are on the server before the checkpoint exists, so a
             # restart from it never leaves a gap in the curves.
-            logger.flush()
-            save_checkpoint(engine, step, losses, rank, task, final)
+            with meter.paused():
+                logger.flush()
+                save_checkpoint(engine, step, losses, rank, task, final)
     logger.close()
