@@ -36,8 +36,8 @@ def prepare_environment(workdir: str) -> None:
     os.environ.setdefault("KOSMOS_STORAGE_ROOT", f"{workdir}/storage")
 
 
-# A size where one step takes over 0.5 s on a 2-core CPU (0.5-0.7 s measured), so per-step
-# overheads are a small share of the step (the tiny model's steps take a few milliseconds).
+# A size where one step takes over 0.5 s on a 2-core CPU (0.7-1.3 s measured at batch 24), so
+# per-step overheads are a small share of the step (the tiny model's steps take 0.1-0.15 s).
 LARGER = ["model.mllm.dim=256", "model.mllm.num_layers=4", "model.mllm.num_heads=8", "model.mllm.ffn_dim=1024",
           "model.mllm.resampler_heads=8", "train.batch_size=24"]
 
