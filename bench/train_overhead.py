@@ -25,6 +25,7 @@ the environment points elsewhere (e.g. `eval "$(kosmos-g local env)"`).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import tempfile
 import time
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.fair:
             rows = [(plain_loop(cfg), ray_train_loop(cfg))]
         else:
-            rows = fair_rounds(args, overrides, threads)
+            rows = fair_rounds(cfg, args.rounds, threads)
     global_batch = cfg.train.batch_size * cfg.train.num_workers
     print(f"stage {args.stage}, {args.size} model, {args.steps} steps, global batch {global_batch}, "
           f"{args.workers} Ray Train workers × {cfg.train.cpus_per_worker} CPU, {os.cpu_count()} cores"
@@ -184,20 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def fair_rounds(args, overrides: list[str], threads: int) -> list[tuple[dict, dict]]:
+def fair_rounds(cfg, rounds: int, threads: int) -> list[tuple[dict, dict]]:
     """plain, Ray Train, plain, ...: each Ray Train run against the mean of its neighbours."""
     from kosmos_g.platform.data.datastream import training_dataset
 
-    cfg = stage_config(args.stage, args.steps, 1, overrides)
     # One epoch covers the run, so neither side restarts its iterator mid-run.
-    cfg.data.samples_per_epoch = args.steps * cfg.train.batch_size
+    cfg.data.samples_per_epoch = cfg.train.steps * cfg.train.batch_size
     dataset = training_dataset(cfg.stage, cfg.data, cfg.model).materialize()
     plains = [plain_loop(cfg, dataset, threads)]
     rows = []
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         # A fresh run name each round: the same name would resume from the last round's checkpoint.
-        round_cfg = stage_config(args.stage, args.steps, 1, overrides)
-        round_cfg.data.samples_per_epoch = cfg.data.samples_per_epoch
+        round_cfg = copy.deepcopy(cfg)
+        round_cfg.name = f"bench-{uuid.uuid4().hex[:6]}"
         ray_train = ray_train_loop(round_cfg, dataset)
         plains.append(plain_loop(cfg, dataset, threads))
         before, after = plains[-2], plains[-1]
