@@ -74,11 +74,20 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def encode_captions(text, captions: list[str], chunk: int = 256) -> torch.Tensor:
-    """The text encoder's 77 hidden states of each caption (SD's CLIP padding), in chunks."""
+def encode_captions(text, captions: list[str], chunk: int = 256, layer: int = -1) -> torch.Tensor:
+    """The text encoder's 77 hidden states of each caption (SD's CLIP padding), in chunks: its last
+    layer's (SD v1.5), or with `layer` another layer's (0: the token + position embeddings) through
+    the final layer norm, as diffusers' `clip_skip` reads them."""
     ids = build_clip_tokenizer()(captions, padding="max_length", max_length=77, truncation=True,
                                  return_tensors="pt").input_ids
-    return torch.cat([text(input_ids=ids[i:i + chunk]).last_hidden_state for i in range(0, len(ids), chunk)])
+
+    def states(chunk_ids: torch.Tensor) -> torch.Tensor:
+        if layer == -1:
+            return text(input_ids=chunk_ids).last_hidden_state
+        hidden = text(input_ids=chunk_ids, output_hidden_states=True).hidden_states[layer]
+        return text.final_layer_norm(hidden)
+
+    return torch.cat([states(ids[i:i + chunk]) for i in range(0, len(ids), chunk)])
 
 
 @torch.no_grad()
@@ -98,9 +107,9 @@ def unet_loss(unet, scheduler, empty: torch.Tensor, latents: torch.Tensor, condi
 
 
 def train(module, loss_fn, steps: int, lr: float, batch_of, label: str, optimizer=None,
-          schedule: str = "constant") -> float:
+          schedule: str = "constant", after_step=None) -> float:
     """AdamW at a constant `lr`, or with schedule "decay" the platform jobs' (50 warm-up steps,
-    then linear decay to 0: platform/train/loop.lr_lambda)."""
+    then linear decay to 0: platform/train/loop.lr_lambda); `after_step()` after every update."""
     optimizer = optimizer or torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
                                                weight_decay=0.01)
     scheduler = None
@@ -118,6 +127,8 @@ def train(module, loss_fn, steps: int, lr: float, batch_of, label: str, optimize
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if after_step is not None:
+            after_step()
         window.append(float(loss.detach()))
         if step % max(1, steps // 10) == 0 or step == steps:
             print(f"[{label}] step {step}/{steps} loss {np.mean(window):.4f} "
@@ -182,16 +193,16 @@ def load_decoder(uri: str):
     return unet, vae, text, DDPMScheduler.from_pretrained(folder, subfolder="scheduler").config
 
 
-def text_to_image(decoder, prompts: list[str], guidance: float, chunk: int = 64) -> torch.Tensor:
+def text_to_image(decoder, prompts: list[str], guidance: float, chunk: int = 64, layer: int = -1) -> torch.Tensor:
     """DDIM 25 steps (the world evaluation's sampler), seed 0 per chunk of prompts."""
     unet, vae, text, scheduler_config = decoder
-    hidden = encode_captions(text, prompts + [""])
+    hidden = encode_captions(text, prompts + [""], layer=layer)
     condition, empty = hidden[:-1], hidden[-1:]
     return torch.cat([sample(unet, vae, scheduler_config, condition[i:i + chunk], empty, 25, guidance, 0)
                       for i in range(0, len(prompts), chunk)])
 
 
-def score_on(decoder, count: int, split: str = "train", guidance: float = 4.0) -> dict[str, float]:
+def score_on(decoder, count: int, split: str = "train", guidance: float = 4.0, layer: int = -1) -> dict[str, float]:
     """Text-to-image accuracy of a loaded mini decoder on `count` single-object prompts of `split`;
     with split "cases", on the world evaluation's own held-out cases (platform/evaluation/world.py)
     prompted in words: the most an image-prompted Kosmos-G on this decoder could be expected to draw."""
@@ -201,19 +212,20 @@ def score_on(decoder, count: int, split: str = "train", guidance: float = 4.0) -
         from kosmos_g.platform.evaluation import world as world_eval
 
         cases = [case for case in world_eval.cases(count, count // 2) if case.kind != "text"]
-        images = text_to_image(decoder, [case.text for case in cases], guidance)
+        images = text_to_image(decoder, [case.text for case in cases], guidance, layer=layer)
         pictures = [Image.fromarray(to_uint8(image)) for image in images]
         scores = [{"kind": case.kind, **world_eval.score(case, picture)} for case, picture in zip(cases, pictures)]
         return world_eval.summarise(scores)
     prompts = eval_prompts(count, 1, split)
-    images = text_to_image(decoder, [f"a {c} {s} on a {b} background" for c, s, b in prompts], guidance)
+    images = text_to_image(decoder, [f"a {c} {s} on a {b} background" for c, s, b in prompts], guidance, layer=layer)
     return score(images, prompts)
 
 
-def score_decoder(uri: str, count: int, threads: int, split: str = "train", guidance: float = 4.0) -> dict[str, float]:
+def score_decoder(uri: str, count: int, threads: int, split: str = "train", guidance: float = 4.0,
+                  layer: int = -1) -> dict[str, float]:
     """`score_on` a registered (or local) mini decoder."""
     torch.set_num_threads(threads)
-    return score_on(load_decoder(uri), count, split, guidance)
+    return score_on(load_decoder(uri), count, split, guidance, layer)
 
 
 def continue_decoder(uri: str, steps: int, score_every: int, args) -> list[dict]:
@@ -263,6 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the mini CLIP trained here: constant lr, or the platform jobs' warm-up + linear decay")
     parser.add_argument("--seed", type=int, default=0, help="initialisations and batch order of what is trained here "
                                                             "(the scenes and the scoring prompts stay the same)")
+    parser.add_argument("--unet-schedule", choices=("constant", "decay"), default="constant",
+                        help="each U-Net: constant lr, or the decoder job's warm-up + linear decay")
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--unet-steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=32)
@@ -275,6 +289,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="with --score-decoder: prompts of the training split, held-out colour/background "
                              "pairs, or the world evaluation's cases in words (--eval-prompts singles, half as many pairs)")
     parser.add_argument("--guidance", type=float, default=4.0, help="with --score-decoder: classifier-free guidance")
+    parser.add_argument("--ema", action="store_true",
+                        help="also keep an exponential moving average of each U-Net's weights (diffusers' EMAModel, "
+                             "decay (1 + t) / (10 + t)) and score it beside the raw weights of the same run")
+    parser.add_argument("--text-layer", type=int, default=-1,
+                        help="condition on this hidden layer of the text encoder (through its final layer norm, "
+                             "diffusers' clip_skip): -1 the last (SD v1.5), 0 the embeddings; a sweep's or "
+                             "--score-decoder's")
     parser.add_argument("--continue-decoder", metavar="URI",
                         help="train this decoder's U-Net --unet-steps more, scoring the held-out cases in words")
     parser.add_argument("--score-every", type=int, default=250, help="with --continue-decoder")
@@ -286,7 +307,8 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.out).write_text(json.dumps(rows, indent=1))
         return {"continued": rows}
     if args.score_decoder:
-        result = score_decoder(args.score_decoder, args.eval_prompts, args.threads, args.split, args.guidance)
+        result = score_decoder(args.score_decoder, args.eval_prompts, args.threads, args.split, args.guidance,
+                               args.text_layer)
         if args.split == "cases":
             print(f"{args.score_decoder} (evaluation cases in words, guidance {args.guidance:g}): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
@@ -331,7 +353,7 @@ def sweep(args) -> dict:
     decoder_base = MiniDecoderConfig()
     pixels, captions = scene_tensors(args.scenes, 0, decoder_base.image_size)
     text, clip_final = text_encoder(args, pixels, captions)
-    hidden = encode_captions(text, captions + [""])
+    hidden = encode_captions(text, captions + [""], layer=args.text_layer)
     condition_all, empty = hidden[:-1], hidden[-1:]
     rng = np.random.default_rng(args.seed)
 
@@ -349,7 +371,8 @@ def sweep(args) -> dict:
         reconstructed = vae.decode(latents_all[:256]).sample.clamp(-1, 1)
     prompts_rec = [(s.objects[0].colour, s.objects[0].shape, s.background) for s in world.scenes(0, 256, "train")]
     results = {"clip": args.clip or f"trained here ({args.clip_steps} steps, {args.clip_schedule} lr)",
-               "seed": args.seed, "clip_loss": clip_final, "vae_loss": vae_final,
+               "seed": args.seed, "unet_schedule": args.unet_schedule, "text_layer": args.text_layer,
+               "clip_loss": clip_final, "vae_loss": vae_final,
                "vae_scaling_factor": scale, "vae_reconstruction": score(reconstructed, prompts_rec), "recipes": {}}
     print(f"[vae] reconstructions read back: {results['vae_reconstruction']}", flush=True)
 
@@ -362,17 +385,29 @@ def sweep(args) -> dict:
         torch.manual_seed(args.seed)
         unet, scheduler = build_unet(cfg, condition_all.shape[-1]), build_scheduler(cfg)
         started = time.perf_counter()
+        ema = None
+        if args.ema:
+            from diffusers.training_utils import EMAModel
+
+            ema = EMAModel(unet.parameters())
         final = train(unet, lambda latents, condition: unet_loss(unet, scheduler, empty, latents, condition),
-                      args.unet_steps, 1e-3, unet_batch, f"unet {name}")
+                      args.unet_steps, 1e-3, unet_batch, f"unet {name}", schedule=args.unet_schedule,
+                      after_step=None if ema is None else lambda: ema.step(unet.parameters()))
+        train_s = time.perf_counter() - started
         unet.eval()
-        decoder = (unet, vae, text, scheduler.config)
-        if args.save_dir:  # the folders `load_decoder` reads: --score-decoder DIR/<recipe> scores it again
-            for part, module in (("unet", unet), ("vae", vae), ("text_encoder", text), ("scheduler", scheduler)):
-                module.save_pretrained(Path(args.save_dir) / name / part)
-        results["recipes"][name] = {"loss": final, "train_s": time.perf_counter() - started,
-                                    "train": score_on(decoder, args.eval_prompts, "train"),
-                                    "held_out": score_on(decoder, args.eval_prompts, "held_out")}
-        print(f"[unet {name}] {results['recipes'][name]}", flush=True)
+        for weights in ("raw", "ema") if ema is not None else ("raw",):
+            if weights == "ema":
+                ema.copy_to(unet.parameters())
+            label = name if weights == "raw" else f"{name}+ema"
+            decoder = (unet, vae, text, scheduler.config)
+            if args.save_dir:  # the folders `load_decoder` reads: --score-decoder DIR/<recipe> scores it again
+                for part, module in (("unet", unet), ("vae", vae), ("text_encoder", text), ("scheduler", scheduler)):
+                    module.save_pretrained(Path(args.save_dir) / label / part)
+            results["recipes"][label] = {"loss": final, "train_s": train_s,
+                                         "train": score_on(decoder, args.eval_prompts, "train", layer=args.text_layer),
+                                         "held_out": score_on(decoder, args.eval_prompts, "held_out",
+                                                              layer=args.text_layer)}
+            print(f"[unet {label}] {results['recipes'][label]}", flush=True)
     print("\nrecipe              training pairs: colour shape background | held-out pairs: colour shape background")
     for name, row in results["recipes"].items():
         cells = " | ".join(" ".join(f"{row[split][k]:6.2f}" for k in ("colour", "shape", "background"))
