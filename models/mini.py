@@ -47,11 +47,16 @@ class MiniDecoderConfig:
     # resolution; off, the text reaches the 16 x 16 features only through the 8 x 8 level.
     full_resolution_attention: bool = False
     vae_kl_weight: float = 1e-6
+    # 0: the U-Net is saved as trained. Above 0: an exponential moving average of its weights is
+    # kept and saved instead, decaying as diffusers' EMAModel does by default, (1 + t) / (10 + t)
+    # after t updates (the last ~10% of training), capped at this value.
+    unet_ema_decay: float = 0.0
 
     def inert_fields(self) -> list[str]:
-        """Left out of job fingerprints at the default, so decoders registered before it existed
-        keep theirs."""
-        return [] if self.full_resolution_attention else ["full_resolution_attention"]
+        """Left out of job fingerprints at their defaults, so decoders registered before these
+        options existed keep theirs."""
+        defaults = {"full_resolution_attention": False, "unet_ema_decay": 0.0}
+        return [name for name, default in defaults.items() if getattr(self, name) == default]
 
     @property
     def latent_size(self) -> int:

@@ -215,6 +215,13 @@ class UnetTrainee(_Trainee):
         self.text_encoder = CLIPTextModel.from_pretrained(clip_dir).requires_grad_(False).eval()
         self.vae = AutoencoderKL.from_pretrained(vae_dir / "vae").requires_grad_(False).eval()
         self.unet = build_unet(cfg, self.text_encoder.config.hidden_size)
+        # The average lives in the module (frozen), so checkpoints carry it and a resumed run goes on averaging.
+        self.ema_decay = cfg.unet_ema_decay
+        if self.ema_decay > 0:
+            import copy
+
+            self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+            self.register_buffer("ema_updates", torch.zeros(1))
         self.scheduler = build_scheduler(cfg)
         self.tokenizer = build_clip_tokenizer()
         empty = self.tokenizer([""], padding="max_length", max_length=CONDITION_LENGTH, return_tensors="pt")
@@ -224,7 +231,23 @@ class UnetTrainee(_Trainee):
         super().train(mode)
         self.text_encoder.eval()
         self.vae.eval()
+        if self.ema_decay > 0:
+            self.ema_unet.eval()
         return self
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """One step of the U-Net's moving average (diffusers EMAModel's default warm-up)."""
+        if self.ema_decay <= 0:
+            return
+        self.ema_updates += 1
+        past = float(self.ema_updates.item()) - 1  # EMAModel.get_decay: the first update copies
+        decay = min(self.ema_decay, (1 + past) / (10 + past)) if past > 0 else 0.0
+        torch._foreach_lerp_(list(self.ema_unet.parameters()), list(self.unet.parameters()), 1 - decay)
+
+    def unet_for_saving(self):
+        """The averaged U-Net when one is kept, else the trained one."""
+        return self.ema_unet if self.ema_decay > 0 else self.unet
 
     def forward(self, input_ids, pixel_values, generator=None, cond_dropout=0.1):
         from kosmos_g.models.image_decoder import noised_latents
@@ -259,11 +282,14 @@ class UnetTask(Task):
         return model(batch["input_ids"], batch["pixel_values"], generator,
                      cfg.train.cond_dropout if training else 0.0)
 
+    def after_step(self, model):
+        model.update_ema()
+
     def save_bundle(self, model, directory):
         """Stable Diffusion's diffusers layout: what `image_decoder.pretrained_path` loads."""
         from diffusers import StableDiffusionPipeline
 
         StableDiffusionPipeline(
-            vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+            vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet_for_saving(),
             scheduler=model.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         ).save_pretrained(directory)

@@ -279,6 +279,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if not math.isfinite(losses["loss"]):
             raise FloatingPointError(f"loss became {losses['loss']} at step {step}")
         optimizer_step(engine)
+        task.after_step(engine.module)
         step += 1
         meter.add(task.count(batch), waited)
         window.append(losses["loss"])

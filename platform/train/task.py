@@ -28,6 +28,10 @@ class Task:
         `training=False` (the fixed-batch eval loss) turns off random dropouts of conditions."""
         raise NotImplementedError
 
+    def after_step(self, model) -> None:
+        """Called with the bare module after every optimiser step (e.g. to update an average of
+        the weights); nothing by default."""
+
     def save_bundle(self, model, directory) -> None:
         """The finished model's files (what gets logged and registered)."""
         raise NotImplementedError
