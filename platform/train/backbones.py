@@ -64,6 +64,7 @@ class BackboneConfig:
     def validate(self) -> None:
         from kosmos_g.platform.config import ConfigError
 
+        self.optim.validate()
         if self.kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if not self.data.captions:

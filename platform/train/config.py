@@ -20,9 +20,12 @@ PIPELINES = {1: "pretrain", 2: "align", 3: "instruct"}
 REGISTERED_NAMES = {1: "kosmos-g-pretrain", 2: "kosmos-g-align", 3: "kosmos-g"}
 
 
+SCHEDULES = ("linear", "constant")
+
+
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up then linear decay to 0 (appendix A)."""
+    """AdamW with linear warm-up, then linear decay to 0 (appendix A) or a constant rate."""
 
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.98)
@@ -30,6 +33,17 @@ class OptimConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 375
     grad_clip: float = 2.0
+    # After the warm-up: "linear" decay to 0 (Kosmos-G's stages), or "constant" at the peak (how
+    # Stable Diffusion was trained, its released weights an average: the mini decoder's `unet_ema_decay`).
+    schedule: str = "linear"
+
+    def inert_fields(self) -> tuple[str, ...]:
+        """At its default the schedule stays out of fingerprints (jobs registered before it existed)."""
+        return ("schedule",) if self.schedule == "linear" else ()
+
+    def validate(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
 
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -120,6 +134,7 @@ class StageConfig:
         return storage.default_root("ray-train")
 
     def validate(self) -> None:
+        self.optim.validate()
         if self.stage not in PIPELINES:
             raise ConfigError(f"stage must be 1, 2 or 3, got {self.stage}")
         if self.train.zero_stage not in (0, 1, 2):

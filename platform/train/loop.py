@@ -40,12 +40,15 @@ def say(message: str) -> None:
 
 
 def lr_lambda(optim_cfg, total_steps: int):
-    """Linear warm-up to the peak, then linear decay to 0 (appendix A)."""
+    """Linear warm-up to the peak, then linear decay to 0 (appendix A), or the peak to the end
+    (`schedule="constant"`)."""
     warmup = max(1, optim_cfg.warmup_steps)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if optim_cfg.schedule == "constant":
+            return 1.0
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return factor

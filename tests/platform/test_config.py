@@ -80,7 +80,7 @@ def test_fingerprints_leave_out_options_the_config_does_not_use():
 
     # Never deciding a weight: reading precomputed latents (the same losses) and how often the
     # eval loss is measured; added later, they must not change registered fingerprints.
-    always = {"data.precomputed", "train.eval_every"}
+    always = {"data.precomputed", "train.eval_every", "optim.schedule"}
     cfg = stage_presets(3).get("mini")
     assert cfg.data.shuffle == "global" and set(inert_fields(cfg)) == always | {"data.shuffle_window"}
     before = fingerprint(cfg)
@@ -111,3 +111,30 @@ def test_mini_decoder_attention_option_keeps_registered_fingerprints():
     unet = build_unet(cfg.decoder, 16)
     assert unet.config.down_block_types == ("CrossAttnDownBlock2D",) * 2
     assert unet.config.up_block_types == ("CrossAttnUpBlock2D",) * 2
+
+
+def test_learning_rate_schedules():
+    """Warm-up, then linear decay to 0 (the stages, appendix A) or the peak to the end
+    (`optim.schedule=constant`); the linear default stays out of fingerprints, and an unknown
+    schedule is refused before anything runs."""
+    from kosmos_g.platform.config import fingerprint, inert_fields
+    from kosmos_g.platform.train.backbone_job import backbone_presets
+    from kosmos_g.platform.train.config import OptimConfig, stage_presets
+    from kosmos_g.platform.train.loop import lr_lambda
+
+    linear = lr_lambda(OptimConfig(warmup_steps=10), 110)
+    constant = lr_lambda(OptimConfig(warmup_steps=10, schedule="constant"), 110)
+    assert [linear(s) for s in (0, 9, 10, 60, 110)] == [0.1, 1.0, 1.0, 0.5, 0.0]
+    assert [constant(s) for s in (0, 9, 10, 60, 110)] == [0.1, 1.0, 1.0, 1.0, 1.0]
+
+    cfg = stage_presets(3).get("mini")
+    assert "optim.schedule" in inert_fields(cfg)
+    before = fingerprint(cfg)
+    cfg.optim.schedule = "constant"
+    assert fingerprint(cfg) != before and "optim.schedule" not in inert_fields(cfg)
+    cfg.optim.schedule = "cosine"
+    with pytest.raises(ConfigError, match="optim.schedule must be one of linear, constant"):
+        cfg.validate()  # what a job does with its config first
+    decoder = backbone_presets("decoder").get("mini", ["optim.schedule=cosine"])
+    with pytest.raises(ConfigError, match="optim.schedule must be one of"):
+        decoder.validate()
