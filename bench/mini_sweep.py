@@ -23,6 +23,9 @@ chance is 1/8 for colours and 1/4 for shapes.
         # the same recipe from another seed (VAE, U-Net, batch order): how much of a result is noise
     .venv/bin/python bench/mini_sweep.py --clip-steps 1500 --clip-schedule decay
         # the CLIP trained here with the platform jobs' warm-up + linear decay instead of a constant lr
+    .venv/bin/python bench/mini_sweep.py --clip DIR/text_encoder --ema [--unet-schedule decay] --recipes v_zero_pooled
+        # each U-Net scored twice, its last weights and their moving average (the same run: a paired
+        # comparison); --unet-schedule decay trains it with the decoder job's schedule
 """
 
 from __future__ import annotations
