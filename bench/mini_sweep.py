@@ -398,11 +398,11 @@ def sweep(args) -> dict:
                       after_step=None if ema is None else lambda: ema.step(unet.parameters()))
         train_s = time.perf_counter() - started
         unet.eval()
+        decoder = (unet, vae, text, scheduler.config)  # scored with its last weights, then (--ema) their average
         for weights in ("raw", "ema") if ema is not None else ("raw",):
             if weights == "ema":
                 ema.copy_to(unet.parameters())
             label = name if weights == "raw" else f"{name}+ema"
-            decoder = (unet, vae, text, scheduler.config)
             if args.save_dir:  # the folders `load_decoder` reads: --score-decoder DIR/<recipe> scores it again
                 for part, module in (("unet", unet), ("vae", vae), ("text_encoder", text), ("scheduler", scheduler)):
                     module.save_pretrained(Path(args.save_dir) / label / part)
