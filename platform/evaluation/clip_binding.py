@@ -1,4 +1,5 @@
-"""Does a CLIP bind each colour to the right thing? A zero-shot check in the miniature world.
+"""Does a CLIP bind each colour to the right thing, and tell the shapes apart? A zero-shot check
+in the miniature world.
 
 Each image is scored against its own caption and against the caption with the object's and the
 background's colours swapped ("a red circle on a blue background" vs "a blue circle on a red
@@ -9,6 +10,12 @@ image sets, 150 each by default, drawn from `seed` with no held-out pair:
 - `closeups`: the subject images of the held-out evaluation (entity crops, background kept);
 - `closeups_white`: the same crops with the background removed to white (stage 3's entity images,
   as released); the swapped caption then reads "a white circle on a red background".
+
+The shape check scores the same images against their own caption and the three captions that
+name another shape ("a red star on a blue background", ...): the fraction whose own caption beats
+all three (chance: 0.25). A CLIP trained contrastively can match most captions by their colours
+alone; if it never needed the shape, its text tower hands the decoder captions that differ only in
+the shape word as near-equal conditions, and no U-Net conditioned on it can draw the asked shape.
 
 Kosmos-G sees subject images through the CLIP vision tower, so a CLIP that cannot tell which
 colour is the object's in a crop caps what any later stage can learn (docs/REPRODUCTION.md).
@@ -51,14 +58,25 @@ def binding_cases(count: int = 150, seed: int = 11) -> dict[str, list[tuple[Imag
     return {name: found[:count] for name, found in cases.items()}
 
 
+def shape_swaps(caption: str) -> list[str]:
+    """The caption once with each other shape: "a red circle on ..." -> "a red square on ...", ..."""
+    words = caption.split()
+    return [" ".join(words[:2] + [shape] + words[3:]) for shape in world.SHAPES if shape != words[2]]
+
+
 def binding_accuracy(similarity: Similarity, count: int = 150, seed: int = 11) -> dict[str, float]:
-    """{`binding_<set>`: fraction of images whose own caption beats the colour-swapped one}."""
+    """{`binding_<set>`: fraction of images whose own caption beats the colour-swapped one,
+    `shape_<set>`: fraction whose own caption beats each of the three shape-swapped ones}."""
     scores = {}
     for name, cases in binding_cases(count, seed).items():
         images = [image for image, _, _ in cases]
         own = np.asarray(similarity(images, [text for _, text, _ in cases]))
         swapped = np.asarray(similarity(images, [text for _, _, text in cases]))
         scores[f"binding_{name}"] = float((own > swapped).mean())
+        other_shapes = [shape_swaps(text) for _, text, _ in cases]
+        other = np.stack([np.asarray(similarity(images, [swaps[k] for swaps in other_shapes]))
+                          for k in range(len(world.SHAPES) - 1)])
+        scores[f"shape_{name}"] = float((own > other.max(axis=0)).mean())
     return scores
 
 

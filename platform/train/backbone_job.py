@@ -164,13 +164,17 @@ def train_decoder(cfg: BackboneConfig, run_id: str):
 
 
 def log_binding(cfg: BackboneConfig, run_id: str, clip_dir: str) -> None:
-    """The trained CLIP's zero-shot colour binding on scenes and close-ups, logged to its run."""
+    """The trained CLIP's zero-shot colour binding and shape choice on scenes and close-ups,
+    logged to its run."""
     from kosmos_g.platform.evaluation.clip_binding import clip_binding
 
     binding = clip_binding(clip_dir)
     tracking.log_metrics(run_id, binding, cfg.train.steps)
-    print(f"[{cfg.pipeline}] zero-shot colour binding (own caption beats the colour-swapped one): "
-          + ", ".join(f"{name.removeprefix('binding_')} {value:.2f}" for name, value in binding.items()), flush=True)
+    for check, says in (("binding_", "colour binding (own caption beats the colour-swapped one)"),
+                        ("shape_", "shapes (own caption beats the three other shapes; chance 0.25)")):
+        print(f"[{cfg.pipeline}] zero-shot {says}: " + ", ".join(
+            f"{name.removeprefix(check)} {value:.2f}" for name, value in binding.items() if name.startswith(check)),
+            flush=True)
 
 
 def run_backbone(cfg: BackboneConfig) -> str | None:

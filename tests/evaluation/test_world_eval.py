@@ -156,5 +156,26 @@ def test_clip_binding_check_scores_a_reader_that_binds_and_one_that_swaps():
     cases = binding_cases(count=40, seed=3)
     assert {name: len(found) for name, found in cases.items()} == {name: 40 for name in SETS}
     assert all(own != swapped for found in cases.values() for _, own, swapped in found)
-    assert binding_accuracy(_palette_reader(swap=False), count=40, seed=3) == {f"binding_{n}": 1.0 for n in SETS}
-    assert binding_accuracy(_palette_reader(swap=True), count=40, seed=3) == {f"binding_{n}": 0.0 for n in SETS}
+    # The palette reader is blind to shapes: its four captions tie, and a tie is not a win.
+    assert binding_accuracy(_palette_reader(swap=False), count=40, seed=3) == {
+        **{f"binding_{n}": 1.0 for n in SETS}, **{f"shape_{n}": 0.0 for n in SETS}}
+    assert binding_accuracy(_palette_reader(swap=True), count=40, seed=3) == {
+        **{f"binding_{n}": 0.0 for n in SETS}, **{f"shape_{n}": 0.0 for n in SETS}}
+
+
+def test_clip_shape_check_scores_a_reader_that_sees_shapes():
+    """The shape half of the zero-shot check: a reader that knows only the largest object's shape
+    (the world scorer's) picks the own caption over the three other shapes every time, while its
+    colour binding ties (0.0)."""
+    from kosmos_g.platform.data.world_scorer import read_scene
+    from kosmos_g.platform.evaluation.clip_binding import SETS, binding_accuracy, shape_swaps
+
+    assert shape_swaps("a red star on a blue background") == [
+        "a red circle on a blue background", "a red square on a blue background", "a red triangle on a blue background"]
+
+    def shape_reader(images, captions):
+        return [float(read_scene(image).objects[0].shape == caption.split()[2])
+                for image, caption in zip(images, captions)]
+
+    assert binding_accuracy(shape_reader, count=40, seed=3) == {
+        **{f"binding_{n}": 0.0 for n in SETS}, **{f"shape_{n}": 1.0 for n in SETS}}
