@@ -23,6 +23,8 @@ chance is 1/8 for colours and 1/4 for shapes.
         # the same recipe from another seed (VAE, U-Net, batch order): how much of a result is noise
     .venv/bin/python bench/mini_sweep.py --clip-steps 1500 --clip-schedule decay
         # the CLIP trained here with the platform jobs' warm-up + linear decay instead of a constant lr
+    .venv/bin/python bench/mini_sweep.py --clip-steps 1500 --clip-check-every 250 --recipes v_zero_pooled
+        # does the CLIP trained here tell the shapes apart, and from which step (zero-shot check)
     .venv/bin/python bench/mini_sweep.py --clip DIR/text_encoder --ema [--unet-schedule decay] --recipes v_zero_pooled
         # each U-Net scored twice, its last weights and their moving average (the same run: a paired
         # comparison); --unet-schedule decay trains it with the decoder job's schedule
@@ -276,6 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clip-steps", type=int, default=600)
     parser.add_argument("--clip-schedule", choices=("constant", "decay"), default="constant",
                         help="the mini CLIP trained here: constant lr, or the platform jobs' warm-up + linear decay")
+    parser.add_argument("--clip-check-every", type=int, default=0, metavar="N",
+                        help="print the CLIP's zero-shot colour binding and shape choice every N of its steps "
+                             "(chance 0.5 and 0.25; the CLIP jobs log the same check once, at their end)")
     parser.add_argument("--seed", type=int, default=0, help="initialisations and batch order of what is trained here "
                                                             "(the scenes and the scoring prompts stay the same)")
     parser.add_argument("--unet-schedule", choices=("constant", "decay"), default="constant",
@@ -344,8 +349,30 @@ def text_encoder(args, pixels: torch.Tensor, captions: list[str]):
         return ids[i], mask[i], clip_pixels(pixels[i])
 
     final = train(clip, lambda a, m, p: clip_loss(clip, a, m, p), args.clip_steps, 5e-4, clip_batch, "clip",
-                  schedule=args.clip_schedule)
+                  schedule=args.clip_schedule, after_step=zero_shot_check(clip, args.clip_check_every))
     return clip.text_model.eval().requires_grad_(False), final  # a CLIPTextModel, as SD folders hold
+
+
+def zero_shot_check(clip, every: int):
+    """An `after_step` that prints the CLIP's zero-shot colour binding and shape choice (the CLIP
+    jobs' check, platform/evaluation/clip_binding.py) every `every` steps; None when 0."""
+    if not every:
+        return None
+    from kosmos_g.platform.evaluation.clip_binding import binding_accuracy
+    from kosmos_g.platform.evaluation.metrics import ClipScorer
+
+    scorer, done = ClipScorer.of(clip, build_clip_tokenizer()), [0]
+
+    def check():
+        done[0] += 1
+        if done[0] % every == 0:
+            clip.eval()
+            scores = binding_accuracy(scorer.text_scores)
+            clip.train()
+            print(f"[clip] step {done[0]} zero-shot: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()),
+                  flush=True)
+
+    return check
 
 
 def sweep(args) -> dict:

@@ -88,10 +88,18 @@ class ClipScorer:
     def __init__(self, path: str, device: str = "cpu"):
         from transformers import CLIPModel, CLIPTokenizer
 
-        self.model = CLIPModel.from_pretrained(path).to(device).eval()
-        self.tokenizer = CLIPTokenizer.from_pretrained(path)
-        self.size = self.model.config.vision_config.image_size
-        self.device = device
+        self._use(CLIPModel.from_pretrained(path).to(device).eval(), CLIPTokenizer.from_pretrained(path), device)
+
+    @classmethod
+    def of(cls, model, tokenizer, device: str = "cpu") -> "ClipScorer":
+        """A scorer on a CLIPModel already in memory (one being trained: its mode is left as it is)."""
+        scorer = cls.__new__(cls)
+        scorer._use(model, tokenizer, device)
+        return scorer
+
+    def _use(self, model, tokenizer, device: str) -> None:
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.size = model.config.vision_config.image_size
 
     @torch.no_grad()
     def image_features(self, images: Sequence) -> torch.Tensor:
