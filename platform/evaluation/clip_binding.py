@@ -14,8 +14,8 @@ image sets, 150 each by default, drawn from `seed` with no held-out pair:
 The shape check scores the same images against their own caption and the three captions that
 name another shape ("a red star on a blue background", ...): the fraction whose own caption beats
 all three (chance: 0.25). A CLIP trained contrastively can match most captions by their colours
-alone; if it never needed the shape, its text tower hands the decoder captions that differ only in
-the shape word as near-equal conditions, and no U-Net conditioned on it can draw the asked shape.
+alone, and then has no reason to read the shape word or see the outline: a vision tower at chance
+here cannot pass a subject image's shape on to the MLLM.
 
 Kosmos-G sees subject images through the CLIP vision tower, so a CLIP that cannot tell which
 colour is the object's in a crop caps what any later stage can learn (docs/REPRODUCTION.md).

@@ -75,7 +75,8 @@ def test_mini_clip_then_mini_decoder(world_prefix):
     assert CLIPVisionModel.from_pretrained(clip_dir).config.image_size == 32  # the MLLM's vision path
     assert (clip_dir / "tokenizer.json").is_file()  # the CLIP tokenizer travels with it
     binding = tracking.client().get_run(_run_of(clip)).data.metrics  # the zero-shot check ran on it
-    for name in ("binding_scenes", "binding_closeups", "binding_closeups_white"):
+    for name in ("binding_scenes", "binding_closeups", "binding_closeups_white",
+                 "shape_scenes", "shape_closeups", "shape_closeups_white"):
         assert 0.0 <= binding[name] <= 1.0, (name, binding)
 
     assert run_backbone(clip_cfg) == clip  # same config: the registered version is reused
