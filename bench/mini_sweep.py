@@ -361,15 +361,16 @@ def zero_shot_check(clip, every: int):
     from kosmos_g.platform.evaluation.clip_binding import binding_accuracy
     from kosmos_g.platform.evaluation.metrics import ClipScorer
 
-    scorer, done = ClipScorer.of(clip, build_clip_tokenizer()), [0]
+    scorer, step = ClipScorer.of(clip, build_clip_tokenizer()), 0
 
     def check():
-        done[0] += 1
-        if done[0] % every == 0:
+        nonlocal step
+        step += 1
+        if step % every == 0:
             clip.eval()
             scores = binding_accuracy(scorer.text_scores)
             clip.train()
-            print(f"[clip] step {done[0]} zero-shot: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()),
+            print(f"[clip] step {step} zero-shot: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()),
                   flush=True)
 
     return check
