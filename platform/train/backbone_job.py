@@ -63,10 +63,10 @@ def _mini(kind: str) -> BackboneConfig:
         # 1,500 steps: the decoder on it draws held-out backgrounds 0.99 (0.63 at 600 steps).
         return BackboneConfig(kind="text-clip", name="mini-text-clip", data=_data(world_captions()),
                               optim=OptimConfig(lr=5e-4, warmup_steps=50), train=_train(1500, 64, 500))
-    # 800 VAE + 3,000 U-Net steps (≈ 65 min here). At 1,000 U-Net steps the decoder draws colours and
-    # backgrounds but shapes at chance (0.18 on the held-out cases in words); 1,000 more steps raised
-    # them to 0.44 in bench/mini_sweep.py. docs/REPRODUCTION.md has the curve. The steps take the
-    # chain past its 90-minute budget; the shapes are what the method is measured on.
+    # 800 VAE + 3,000 U-Net steps (≈ 60 min here). At 1,000 U-Net steps the decoder draws colours and
+    # backgrounds but shapes at chance (0.18 on the held-out cases in words); at 3,000 it draws them in
+    # 0.62, and Kosmos-G on it the subject's shape in 0.51 (docs/REPRODUCTION.md, 2026-12-03 evening).
+    # The steps take the chain past its 90-minute budget; the shapes are what the method is measured on.
     # SD's recipe: a constant rate after the warm-up, the U-Net saved as the moving average of its
     # weights. In bench/mini_sweep.py (two seeds) it composes held-out pairs better than the linear
     # decay to 0 (colour 0.55 / 0.76 against 0.48 / 0.51), which an average cannot improve on
