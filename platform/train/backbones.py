@@ -65,6 +65,7 @@ class BackboneConfig:
         from kosmos_g.platform.config import ConfigError
 
         self.optim.validate()
+        self.train.validate()
         if self.kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if not self.data.captions:

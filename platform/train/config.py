@@ -58,6 +58,10 @@ class TrainConfig:
     # CPUs reserved per training worker; below 1 leaves room for Ray Data's
     # readers on small machines (its file listing alone asks for a whole CPU).
     cpus_per_worker: float = 1.0
+    # Torch intra-op threads per CPU worker; 0: one per reserved CPU (at least one). More than the
+    # reservation where a worker reserves little only so that Ray Data can be scheduled beside it
+    # and the rest of the machine's cores would idle (the mini presets on two cores).
+    torch_threads: int = 0
     # How Ray places the workers' bundles: PACK (few nodes), SPREAD, or STRICT_SPREAD (one
     # worker per node; what a test of node failures wants).
     placement_strategy: str = "PACK"
@@ -77,6 +81,11 @@ class TrainConfig:
     # Fault-injection for tests: this worker rank exits hard once at this step.
     fail_at_step: int = -1
     fail_rank: int = 1
+
+    def validate(self) -> None:
+        if self.torch_threads < 0:
+            raise ConfigError(f"train.torch_threads must be 0 (one per reserved CPU) or a thread count, "
+                              f"got {self.torch_threads}")
 
     def inert_fields(self) -> tuple[str, ...]:
         """Left out of fingerprints: how often the eval loss is measured decides no weight."""
@@ -135,6 +144,7 @@ class StageConfig:
 
     def validate(self) -> None:
         self.optim.validate()
+        self.train.validate()
         if self.stage not in PIPELINES:
             raise ConfigError(f"stage must be 1, 2 or 3, got {self.stage}")
         if self.train.zero_stage not in (0, 1, 2):
@@ -280,8 +290,10 @@ def _mini(stage: int) -> StageConfig:
     return StageConfig(
         stage=stage, name=f"{PIPELINES[stage]}-mini", model=model, data=data,
         optim=OptimConfig(lr=lr, warmup_steps=50),
-        # Half a CPU reserved (one torch thread either way) leaves Ray Data's file listing a whole one.
+        # Half a CPU reserved leaves Ray Data's file listing a whole one; two torch threads use the
+        # cores the reservation leaves idle (as the mini backbones do, platform/train/backbone_job.py).
         train=TrainConfig(steps=steps, batch_size=batch, num_workers=1, use_gpu=False, cpus_per_worker=0.5,
+                          torch_threads=2,
                           checkpoint_every=250, log_every=25),
     )
 

@@ -255,14 +255,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     if not on_gpu:
-        # One intra-op thread per reserved core: workers share the machine.
-        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+        # By default one intra-op thread per reserved core: workers share the machine.
+        torch.set_num_threads(cfg.train.torch_threads or max(1, int(cfg.train.cpus_per_worker)))
 
     model = task.build(cfg, loop_config.get("init_uri"), device)
     engine = make_engine(model, cfg, on_gpu, world_size)
     step = restore_checkpoint(engine)
     if rank == 0:
-        say(f"[{cfg.pipeline}] starting at step {step}/{cfg.train.steps} on {world_size} worker(s)")
+        threads = "" if on_gpu else f", {torch.get_num_threads()} torch thread(s) each"
+        say(f"[{cfg.pipeline}] starting at step {step}/{cfg.train.steps} on {world_size} worker(s){threads}")
     logger = tracking.RunLogger(loop_config.get("run_id"), rank)
     shard = ray.train.get_dataset_shard("train")
     stream = batches(shard, cfg, loop_config["collate"])

@@ -138,3 +138,21 @@ def test_learning_rate_schedules():
     decoder = backbone_presets("decoder").get("mini", ["optim.schedule=cosine"])
     with pytest.raises(ConfigError, match="optim.schedule must be one of"):
         decoder.validate()
+
+
+def test_torch_threads_are_checked_and_do_not_decide_a_fingerprint():
+    """`train.torch_threads` changes how fast a CPU worker computes, not what it trains: jobs that
+    differ only in it share a registered version; a negative count is refused before any work."""
+    from kosmos_g.platform.config import fingerprint
+    from kosmos_g.platform.train import backbone_job, job
+    from kosmos_g.platform.train.config import stage_presets
+
+    one, two = (stage_presets(3).get("mini", [f"train.torch_threads={n}"]) for n in (1, 2))
+    assert fingerprint(one, job.NOT_DECIDING) == fingerprint(two, job.NOT_DECIDING)
+    assert fingerprint(one) != fingerprint(two)
+    one, two = (backbone_job.backbone_presets("decoder").get("mini", [f"train.torch_threads={n}"]) for n in (1, 2))
+    assert fingerprint(one, backbone_job.NOT_DECIDING) == fingerprint(two, backbone_job.NOT_DECIDING)
+    for cfg in (stage_presets(2).get("tiny", ["train.torch_threads=-1"]),
+                backbone_job.backbone_presets("clip").get("tiny", ["train.torch_threads=-1"])):
+        with pytest.raises(ConfigError, match="train.torch_threads must be 0"):
+            cfg.validate()
