@@ -9,6 +9,7 @@ call to `run_stage`.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -72,6 +73,38 @@ def registered_result(cfg: StageConfig, config_hash: str) -> StageResult | None:
 RESUMABLE = ("train.steps", "train.log_every", "train.checkpoint_every", "train.fail_at_step")
 
 
+class NameTaken(ConfigError):
+    """The job name's run was trained from another start or config."""
+
+
+def follows_latest(cfg: StageConfig) -> bool:
+    """Whether the job picks any of its inputs itself, as the newest registered version: its start
+    (`init=auto`) or a backbone given as `models:/…/latest`. Call before `pin_backbones`."""
+    backbones = (cfg.model.mllm.vision.pretrained_path, cfg.model.image_decoder.pretrained_path)
+    return (cfg.stage > 1 and cfg.init == "auto") or any(path.endswith("/latest") for path in backbones if path)
+
+
+def own_run_name(cfg: StageConfig, init_uri: str | None, resume_hash: str, config_hash: str,
+                 picked_latest: bool) -> str:
+    """The job name whose run this job trains. A run under the configured name that was trained on
+    other inputs is refused, unless this job picked its inputs from `latest` itself: a newer
+    registered stage or backbone then gets a run of its own, `<name>-<resume hash>`, as the
+    user of a chain (`kosmos-g train all`, the README's main job) expects, instead of an error.
+    `picked_latest`: `follows_latest(cfg)` before the backbones were pinned."""
+    try:
+        check_resumable(cfg, init_uri, resume_hash, config_hash)
+        return cfg.name
+    except NameTaken:
+        if not picked_latest:
+            raise
+    own = copy.copy(cfg)
+    own.name = f"{cfg.name}-{resume_hash[:8]}"
+    check_resumable(own, init_uri, resume_hash, config_hash)
+    print(f"[{cfg.pipeline}] job name {cfg.name!r} holds a run trained on other inputs; this one (on the newest "
+          f"registered ones) runs as {own.name!r}", flush=True)
+    return own.name
+
+
 def check_resumable(cfg, init_uri: str | None, resume_hash: str, config_hash: str) -> None:
     """Re-submitting a job name resumes its checkpoints (that is how a run gets more steps); a
     start or a config that changed since (a retrained previous stage, another data option) would
@@ -81,7 +114,7 @@ def check_resumable(cfg, init_uri: str | None, resume_hash: str, config_hash: st
     tags = tracking.client().get_run(run_id).data.tags if run_id else {}
     started, trained = tags.get("init_uri"), tags.get("resume_hash")
     if started is not None and started != (init_uri or "random"):
-        raise ConfigError(f"job name {cfg.name!r} holds a run that started from {started}; this one starts from "
+        raise NameTaken(f"job name {cfg.name!r} holds a run that started from {started}; this one starts from "
                           f"{init_uri or 'random'}, but would resume that run's checkpoints. Pass --set name=<new> "
                           "for a fresh run.")
     if trained is not None:
@@ -89,7 +122,7 @@ def check_resumable(cfg, init_uri: str | None, resume_hash: str, config_hash: st
     else:  # a run from before resume_hash tags: only its exact config is known to be safe
         changed = tags.get("config_hash") not in (None, config_hash)
     if changed:
-        raise ConfigError(f"job name {cfg.name!r} holds a run trained with another config (more than "
+        raise NameTaken(f"job name {cfg.name!r} holds a run trained with another config (more than "
                           f"{', '.join(RESUMABLE)} differ), but this one would resume its checkpoints. "
                           "Pass --set name=<new> for a fresh run (`--print-config` shows the config).")
 
@@ -316,6 +349,7 @@ def run_stage(cfg: StageConfig, evaluator=None) -> StageResult:
                               "pipelines/align.py or pipelines/instruct.py")
         evaluator.check(cfg)
     cluster.connect()
+    picks_latest = follows_latest(cfg)
     pin_backbones(cfg)
     ensure_world_data(cfg)
     init_uri = resolve_init(cfg)
@@ -324,7 +358,7 @@ def run_stage(cfg: StageConfig, evaluator=None) -> StageResult:
     if reused:
         return reused
     resume_hash = fingerprint(cfg, NOT_DECIDING + RESUMABLE, init_uri=init_uri)
-    check_resumable(cfg, init_uri, resume_hash, config_hash)
+    cfg.name = own_run_name(cfg, init_uri, resume_hash, config_hash, picks_latest)
     run_id, resumed = tracking.start_run(cfg.pipeline, cfg.name, cfg, tags={"stage": str(cfg.stage)})
     tags = {"config_hash": config_hash, "resume_hash": resume_hash, "init_uri": init_uri or "random"}
     tracking.set_tags(run_id, tags)  # a resumed run (more steps) trains this config now

@@ -227,3 +227,25 @@ def test_a_registered_config_is_reused_and_a_changed_start_is_refused(chain, sam
     # More steps resume (test_resubmitting_the_same_job_resumes); another config does not.
     with pytest.raises(ConfigError, match="another config"):
         run_stage(_config(1, prefixes, root, name=names[1], **{"train.steps": 12, "data.keep_background_p": 0.9}))
+
+
+def test_a_job_on_the_newest_inputs_gets_its_own_run_where_its_name_is_taken(chain, sample_data):
+    """A job that picks its start itself (`init=auto`: the newest registered previous stage) and
+    finds its name's run trained on other inputs, as a chain re-run on a newer backbone or stage
+    does, trains a run of its own under `<name>-<resume hash>`; the old run is left as it was.
+    The same job with its start given explicitly is refused (the test above)."""
+    from kosmos_g.platform.train import job
+
+    root, results, names = chain
+    _, prefixes = sample_data
+    logged = lambda run_id: len(tracking.client().get_metric_history(run_id, "lr"))  # noqa: E731
+    before = logged(results[2].run_id)
+    newer = run_stage(_config(2, prefixes, root, name=names[2], register=False, sample_grid=False,
+                              **{"train.steps": 3, "optim.lr": 2e-4}))
+    assert newer.run_id != results[2].run_id and newer.metrics["step"] == 3
+    run_name = tracking.client().get_run(newer.run_id).info.run_name
+    assert run_name.startswith(f"{names[2]}-") and len(run_name) == len(names[2]) + 9
+    assert logged(results[2].run_id) == before and logged(newer.run_id) == 3
+    assert not job.follows_latest(_config(2, prefixes, root, init="random"))
+    assert job.follows_latest(_config(2, prefixes, root))
+    assert not job.follows_latest(_config(1, prefixes, root))
