@@ -65,11 +65,11 @@ def _mini(kind: str) -> BackboneConfig:
         # 1,500 steps: the decoder on it draws held-out backgrounds 0.99 (0.63 at 600 steps).
         return BackboneConfig(kind="text-clip", name="mini-text-clip", data=_data(world_captions()),
                               optim=OptimConfig(lr=5e-4, warmup_steps=50), train=_train(1500, 64, 500))
-    # 800 VAE + 5,000 U-Net steps (≈ 95 min here). At 1,000 U-Net steps the decoder draws colours and
-    # backgrounds but shapes at chance (0.18 on the held-out cases in words); at 3,000 it draws them in
-    # 0.62, and Kosmos-G on it the subject's shape in 0.51 (docs/REPRODUCTION.md, 2026-12-03 evening),
-    # with the curve still rising. The steps take the chain past its 90-minute budget; the shapes and
-    # the two-subject scenes are what the method is measured on.
+    # 800 VAE + 5,000 U-Net steps (an estimated 60-85 min here). Told the held-out cases in words,
+    # the decoder draws the shape in 0.18 at 1,000 U-Net steps, 0.62 at 3,000 and 0.74 at 5,000, and
+    # both of two objects in 0.02, 0.30 and 0.48 (docs/REPRODUCTION.md, 2026-12-03). The steps take
+    # the chain past its 90-minute budget; the shapes and the two-subject scenes are what the method
+    # is measured on.
     # SD's recipe: a constant rate after the warm-up, the U-Net saved as the moving average of its
     # weights. In bench/mini_sweep.py (two seeds) it composes held-out pairs better than the linear
     # decay to 0 (colour 0.55 / 0.76 against 0.48 / 0.51), which an average cannot improve on
