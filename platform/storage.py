@@ -28,6 +28,10 @@ from typing import IO, Iterator
 from urllib.parse import urlparse
 
 S3_RETRY_ATTEMPTS = 8
+# pyarrow's client (Ray Data, Ray Train's controller) backs off faster than boto3: 8 attempts
+# against a refused connection give up after ~40 s, shorter than a loaded SeaweedFS restart, and a
+# failed checkpoint-state write fails the whole Train run. 12 attempts wait ~2.3 min.
+PYARROW_S3_RETRY_ATTEMPTS = 12
 # boto3 switches to multipart uploads above this size; kept small enough that
 # tests exercise the multipart path with a few megabytes.
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
@@ -379,7 +383,7 @@ def pyarrow_filesystem(uri: str):
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     options = {
         "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS),
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=PYARROW_S3_RETRY_ATTEMPTS),
     }
     if os.environ.get("AWS_ACCESS_KEY_ID"):
         options["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
