@@ -21,7 +21,8 @@ has 2 CPUs, and two Ray Data streams side by side can starve each other's read t
   Kosmos-G model: what the frozen decoder draws when asked exactly).
 
 Job logs go to bench/results/reproduce_mini/<step>.log; wall time and the machine's peak memory
-use are measured and printed with the table.
+use are measured and printed with the table. A job that reused a registered version also reports
+how long that version's run took to train (`tracking.active_seconds`, from its MLflow records).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ RESULTS = ROOT / "bench" / "results" / "reproduce_mini"
 DOC, FIGURE = ROOT / "docs" / "REPRODUCTION.md", ROOT / "docs" / "reproduce_mini.png"
 BEGIN, END = "<!-- reproduce_mini:begin -->", "<!-- reproduce_mini:end -->"
 ABLATION_NAME = "align-mini-no-encoder"
+# The line a stage or backbone job prints when it reuses a registered version, e.g.
+# "[instruct] kosmos-g/4 was trained with this config from the same start: reused".
+REUSED = re.compile(r"^\[[\w-]+\] (\S+/\d+) was trained with this config")
 ABLATION = ["--set", "model.aligner.encoder_layers=0", "--set", "register=false"]
 FILL_LABELS = {"white": "white fill (as released)", "random": "random-RGB fill", "colours": "world-colour fill"}
 TARGETS = {"world_single_colour": ("one subject: its colour", 0.8), "world_single_shape": ("its shape", 0.6),
@@ -90,11 +94,37 @@ def submit(step: str, script: str, args: list[str]) -> dict:
                     pass
             if text.startswith("[") and ("step" in text or "done" in text or "reused" in text):
                 print(f"  {text[:160]}", flush=True)
+            if match := REUSED.search(text):
+                summary["reused"] = match.group(1)
         if process.wait() != 0:
             raise SystemExit(f"[reproduce] {step} failed (exit {process.returncode}); see {RESULTS / step}.log")
     summary["wall_s"] = time.monotonic() - started
+    if summary.get("reused"):
+        summary["trained_s"] = trained_seconds(summary["reused"])
     print(f"[reproduce] {step} finished in {summary['wall_s'] / 60:.1f} min", flush=True)
     return summary
+
+
+def trained_seconds(version: str) -> float:
+    """How long the run behind a registered "name/version" took to train (its working sessions,
+    from MLflow's records), for a job that reused it."""
+    from kosmos_g.platform import tracking
+
+    name, number = version.rsplit("/", 1)
+    return tracking.active_seconds(tracking.client().get_model_version(name, number).run_id)
+
+
+def timing(jobs: dict[str, dict]) -> str:
+    """Each job's wall time; a reused job's own training time beside it, and both chains' sums."""
+    parts = [f"{step} {summary['wall_s'] / 60:.1f} min"
+             + (f" (reused {summary['reused']}, trained in {summary['trained_s'] / 60:.1f})"
+                if "trained_s" in summary else "")
+             for step, summary in jobs.items()]
+    text = ", ".join(parts)
+    if any("trained_s" in summary for summary in jobs.values()):
+        as_trained = sum(summary.get("trained_s", summary["wall_s"]) for summary in jobs.values())
+        text += f"; these jobs as they trained ≈ {as_trained / 60:.0f} min"
+    return text
 
 
 def train_chain() -> dict[str, dict]:
@@ -276,14 +306,14 @@ def write_report(results: dict[str, dict], jobs: dict[str, dict], memory_gb: flo
     full = results["full"]
     checks = [f"{label} {full.get(key, float('nan')):.2f} (target ≥ {target}: "
               f"{'met' if full.get(key, 0) >= target else 'missed'})" for key, (label, target) in TARGETS.items()]
-    timing = ", ".join(f"{step} {summary['wall_s'] / 60:.1f} min" for step, summary in jobs.items())
+    times = timing(jobs)
     lines = [BEGIN, "", f"Measured {time.strftime('%Y-%m-%d')} by `bench/reproduce_mini.py` "
              f"({full.get('world_single_images', 0):.0f} single-subject, {full.get('world_pair_images', 0):.0f} "
              f"two-subject and as many text-only held-out cases per model; models: "
              + ", ".join(f"{label} `{r['model']}`" for label, r in results.items())
              + (f", ceiling `{ceiling[0]}`" if ceiling else "") + ").", "", *rows, "",
              "Targets (full model): " + "; ".join(checks) + ".", "",
-             f"Wall time: {wall_s / 60:.1f} min in all" + (f" ({timing})" if timing else "")
+             f"Wall time: {wall_s / 60:.1f} min in all" + (f" ({times})" if times else "")
              + f"; peak memory above the idle machine: {memory_gb:.1f} GB.", "",
              "![held-out cases: subject images, then each model's image](reproduce_mini.png)", "", END]
     text = "\n".join(lines)

@@ -114,6 +114,23 @@ def _metric_batch(metrics: dict[str, float], step: int) -> list:
     return [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
 
 
+def active_seconds(run_id: str, max_gap_s: float = 900.0) -> float:
+    """How long a run was being worked on, from its start, end and every metric's timestamps: the
+    gaps between consecutive records summed, leaving out any longer than `max_gap_s` (a run that
+    stopped and was continued later, e.g. given more steps, counts only its working sessions).
+    What a reused job cost when it trained; a close lower bound (start-up before its first record
+    of a continued session is not seen)."""
+    run = client().get_run(run_id)
+    stamps = {run.info.start_time}
+    if run.info.end_time:
+        stamps.add(run.info.end_time)
+    for key in run.data.metrics:
+        stamps.update(metric.timestamp for metric in client().get_metric_history(run_id, key))
+    ordered = sorted(stamps)
+    gaps = (later - earlier for earlier, later in zip(ordered, ordered[1:]))
+    return sum(gap for gap in gaps if gap <= max_gap_s * 1000) / 1000
+
+
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     """Log a few metrics now, blocking: for drivers' one-off summaries (training steps use
     RunLogger, which never blocks)."""

@@ -88,3 +88,22 @@ def test_metrics_survive_an_unreachable_server(stack_env, monkeypatch):
     logger.close()
     history = tracking.client().get_metric_history(run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(0, 0.0), (1, 1.0), (2, 2.0)]
+
+
+def test_active_seconds_sum_a_runs_working_sessions(stack_env):
+    """A run trained 10 min, stopped for a day, then continued for 5.5 min counts 14.5 min: the
+    continued session's first minute (before its first record) is not seen."""
+    from mlflow.entities import Metric
+
+    client = tracking.client()
+    experiment = tracking.ensure_experiment(f"unit-active-{uuid.uuid4().hex[:6]}")
+    start = 1_700_000_000_000
+    run_id = client.create_run(experiment, start_time=start).info.run_id
+    minute, day = 60_000, 24 * 3_600_000
+    first = [Metric("loss", 1.0, start + t * minute, t) for t in range(1, 11)]  # 1 min in: first record
+    second = [Metric("loss", 0.5, start + 10 * minute + day + t * minute, 10 + t) for t in range(1, 6)]
+    client.log_batch(run_id, metrics=first + second)
+    client.log_batch(run_id, metrics=[Metric("lr", 1e-3, start + 3 * minute + 30_000, 3)])  # other keys count too
+    client.set_terminated(run_id, end_time=start + 15 * minute + day + 30_000)
+    assert tracking.active_seconds(run_id) == pytest.approx(10 * 60 + 4 * 60 + 30)
+    assert tracking.active_seconds(run_id, max_gap_s=2 * day / 1000) == pytest.approx(day / 1000 + 15.5 * 60)
