@@ -300,6 +300,15 @@ def figure(results: dict[str, dict], cases: int = 6):
     return sheet
 
 
+def pair_failures(results: dict[str, dict], ceiling: tuple[str, dict] | None = None) -> list[str]:
+    """One line: how often the full model (and the decoder told in words) drew two objects, and
+    gave one subject's colour to both; the ways a two-subject case fails."""
+    shown = [("full", results["full"])] + ([("the decoder in words", ceiling[1])] if ceiling else [])
+    parts = [f"{label}: two objects drawn in {m['world_pair_two_drawn']:.2f}, one subject's colour on both in "
+             f"{m['world_pair_copied_colour']:.2f}" for label, m in shown if "world_pair_copied_colour" in m]
+    return ["Two subjects, how they fail: " + "; ".join(parts) + ".", ""] if parts else []
+
+
 def write_report(results: dict[str, dict], jobs: dict[str, dict], memory_gb: float, wall_s: float,
                  ceiling: tuple[str, dict] | None = None) -> str:
     rows = table(results, ceiling)
@@ -312,7 +321,7 @@ def write_report(results: dict[str, dict], jobs: dict[str, dict], memory_gb: flo
              f"two-subject and as many text-only held-out cases per model; models: "
              + ", ".join(f"{label} `{r['model']}`" for label, r in results.items())
              + (f", ceiling `{ceiling[0]}`" if ceiling else "") + ").", "", *rows, "",
-             "Targets (full model): " + "; ".join(checks) + ".", "",
+             "Targets (full model): " + "; ".join(checks) + ".", "", *pair_failures(results, ceiling),
              f"Wall time: {wall_s / 60:.1f} min in all" + (f" ({times})" if times else "")
              + f"; peak memory above the idle machine: {memory_gb:.1f} GB.", "",
              "![held-out cases: subject images, then each model's image](reproduce_mini.png)", "", END]

@@ -7,7 +7,8 @@ Cases, all on the background a subject's colour never appears on in training
 - `single`: `a <image> on a <b> background`, the subject (one object) shown on a third colour;
   scored by the generated largest object's colour and shape, and the background.
 - `pair`: `a <image> and a <image> on a <b> background`, `b` held out for the first subject;
-  scored by whether both subjects' colours are present, and the background.
+  scored by whether both subjects' colours are present, and the background; how it fails: with
+  fewer than two objects drawn (`two_drawn` 0), or with one subject's colour on both (`copied_colour`).
 - `text`: the text-only baseline `an object on a <b> background` for every single case, scored
   against the subject it never saw (identity should sit near chance: 1/8 colours, 1/4 shapes).
 
@@ -141,6 +142,13 @@ def score(case: WorldCase, image: Image.Image) -> dict[str, float]:
         present = {o.colour for o in reading.objects}
         hits["both_colours"] = float(all(s.colour in present for s in case.subjects))
         hits["colour"] = float(case.subjects[0].colour in present)
+        # The two ways a pair fails: one object drawn, or two drawn with one subject's colour on
+        # both (the other's lost: attributes leaking between subjects, not a wrong identity).
+        hits["two_drawn"] = float(len(reading.objects) >= 2)
+        drawn = [o.colour for o in reading.objects]
+        hits["copied_colour"] = float(len(drawn) >= 2 and any(
+            s.colour not in drawn and drawn.count(other.colour) >= 2
+            for s, other in zip(case.subjects, reversed(case.subjects))))
     else:
         largest = max(reading.objects, key=lambda o: o.area) if reading.objects else None
         hits["colour"] = float(largest is not None and largest.colour == case.subjects[0].colour)
@@ -160,7 +168,8 @@ def summarise(scores: Sequence[dict]) -> dict[str, float]:
         if not rows:
             continue
         metrics[f"world_{kind}_images"] = float(len(rows))
-        for name in ("colour", "shape", "both_colours", "background", "subject_background", "clip_i", "clip_t"):
+        for name in ("colour", "shape", "both_colours", "two_drawn", "copied_colour", "background",
+                     "subject_background", "clip_i", "clip_t"):
             values = [r[name] for r in rows if r.get(name) is not None and not _missing(r[name])]
             if values:
                 metrics[f"world_{kind}_{name}"] = float(np.mean(values))

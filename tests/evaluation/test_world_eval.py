@@ -61,14 +61,21 @@ def test_subject_images_show_the_subject_on_its_own_background():
 def test_scorer_is_exact_on_rendered_answers_and_misses():
     for case in world_eval.cases(12, 12, seed=5):
         hits = world_eval.score(case, _answer(case))
-        leak = hits.pop("subject_background", 0.0)
-        assert leak == 0.0 and all(value == 1.0 for value in hits.values()), (case, hits)
+        leak, copied = hits.pop("subject_background", 0.0), hits.pop("copied_colour", 0.0)
+        assert leak == copied == 0.0 and all(value == 1.0 for value in hits.values()), (case, hits)
         wrong = [c for c in world.COLOURS if c != case.background and c not in {s.colour for s in case.subjects}]
         missed = world_eval.score(case, _answer(case, wrong[: len(case.subjects)]))
         assert missed["colour"] == 0.0 and missed["background"] == 1.0
         if case.kind == "single":  # drawn in the colour the subject image's background has
             leaked = world_eval.score(case, _answer(case, [case.subjects[0].shown_on]))
             assert (leaked["colour"], leaked["subject_background"]) == (0.0, 1.0)
+        if case.kind == "pair":  # the two ways a pair fails
+            first, second = case.subjects
+            copied = world_eval.score(case, _answer(case, [second.colour, second.colour]))
+            assert (copied["both_colours"], copied["two_drawn"], copied["copied_colour"]) == (0.0, 1.0, 1.0)
+            alone = world.Scene(case.background, (world.WorldObject(first.colour, first.shape, (16, 16, 48, 48)),))
+            one = world_eval.score(case, alone.render(32))
+            assert (one["colour"], one["both_colours"], one["two_drawn"], one["copied_colour"]) == (1.0, 0.0, 0.0, 0.0)
     rows = [{"kind": "single", "colour": 1.0, "shape": 0.0, "background": 1.0},
             {"kind": "single", "colour": 0.0, "shape": 0.0, "background": 1.0},
             {"kind": "pair", "colour": 1.0, "both_colours": 0.0, "shape": float("nan"), "background": 0.0}]
