@@ -222,7 +222,7 @@ class WorldScorer:
                   for image, refs in zip(generated, references)]
         out = {**batch, "clip_i": np.array(clip_i),
                "clip_t": np.array(self.clip.text_scores(generated, [case.text for case in cases]))}
-        for name in ("colour", "shape", "both_colours", "background", "subject_background"):
+        for name in world_eval.HITS:
             out[name] = np.array([h.get(name, np.nan) for h in hits])
         return out
 
@@ -301,8 +301,7 @@ def _log_world_artifacts(run_id: str, scores: list[dict[str, Any]]) -> None:
     from kosmos_g.platform import tracking
     from kosmos_g.platform.evaluation import world as world_eval
 
-    columns = ("key", "kind", "prompt", "text", "colour", "shape", "both_colours", "background", "subject_background",
-               "clip_i", "clip_t")
+    columns = ("key", "kind", "prompt", "text", *world_eval.HITS, "clip_i", "clip_t")
     with tempfile.TemporaryDirectory() as staging:
         path = os.path.join(staging, "scores.csv")
         with open(path, "w", newline="") as handle:

@@ -32,6 +32,8 @@ from kosmos_g.platform.data import imaging, world
 from kosmos_g.platform.data.world_scorer import read_scene
 
 KINDS = ("single", "pair", "text")
+# What `score` reads from one image (a kind has a subset), in the order the scores table lists them.
+HITS = ("colour", "shape", "both_colours", "two_drawn", "copied_colour", "background", "subject_background")
 CHANCE = {"colour": 1 / len(world.COLOURS), "shape": 1 / len(world.SHAPES)}
 
 
@@ -168,8 +170,7 @@ def summarise(scores: Sequence[dict]) -> dict[str, float]:
         if not rows:
             continue
         metrics[f"world_{kind}_images"] = float(len(rows))
-        for name in ("colour", "shape", "both_colours", "two_drawn", "copied_colour", "background",
-                     "subject_background", "clip_i", "clip_t"):
+        for name in (*HITS, "clip_i", "clip_t"):
             values = [r[name] for r in rows if r.get(name) is not None and not _missing(r[name])]
             if values:
                 metrics[f"world_{kind}_{name}"] = float(np.mean(values))

@@ -116,7 +116,7 @@ def test_world_job_records_scores_per_model(s3_prefix, tmp_path, clip_dir):
     metrics = run.data.metrics
     assert (metrics["world_single_images"], metrics["world_text_images"], metrics["world_pair_images"]) == (3, 3, 2)
     for kind, names in {"single": ("colour", "shape", "background"), "text": ("colour", "shape", "background"),
-                        "pair": ("colour", "both_colours", "background")}.items():
+                        "pair": ("colour", "both_colours", "two_drawn", "copied_colour", "background")}.items():
         for metric in names:
             assert 0.0 <= metrics[f"world_{kind}_{metric}"] <= 1.0
         assert -100.0 <= metrics[f"world_{kind}_clip_t"] <= 100.0
@@ -126,6 +126,7 @@ def test_world_job_records_scores_per_model(s3_prefix, tmp_path, clip_dir):
     assert sorted(r["kind"] for r in scored) == ["pair"] * 2 + ["single"] * 3 + ["text"] * 3
     assert 0.0 <= metrics["world_single_subject_background"] <= 1.0
     assert all(r["background"] in ("0.0", "1.0") for r in scored)
+    assert all(r["two_drawn"] in ("0.0", "1.0") for r in scored if r["kind"] == "pair")
     grid = tracking.client().download_artifacts(run.info.run_id, "world/samples.png", str(tmp_path))
     assert Image.open(grid).size[1] == 8 * (128 + 34)  # every case of this small run drawn
 
