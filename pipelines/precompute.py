@@ -30,12 +30,6 @@ from kosmos_g.platform.data import precomputed
 from kosmos_g.platform.stack import cluster
 
 
-def npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
 class ShardEncoder:
     """Ray Data actor: one source shard per call -> its precomputed shard, written beside it."""
 
@@ -89,7 +83,7 @@ class ShardEncoder:
         for chunk in self._chunks([i for i, caption in enumerate(captions) if caption is not None]):
             states = self.decoder.text_condition([captions[i] for i in chunk]).float().cpu().numpy()
             for i, state in zip(chunk, states):
-                outputs[i] = npy(state)
+                outputs[i] = precomputed.npy_bytes(state)
         skipped = sum(value is None for value in outputs)
         return {"key": [row["key"] for row in records], "teacher": pa.array(outputs, pa.binary())}, skipped
 
@@ -117,7 +111,7 @@ class ShardEncoder:
             # The same conversion as the stream's collator (examples.StreamCollator).
             moments = self.decoder.latent_moments(torch.from_numpy(uint8).float() / 255.0 * 2.0 - 1.0)
             for i, moment in zip(chunk, moments.float().cpu().numpy()):  # numpy has no bfloat16
-                outputs[i] = npy(moment)
+                outputs[i] = precomputed.npy_bytes(moment)
         return {"key": [row["key"] for row in records], "target_latents": pa.array(outputs, pa.binary()),
                 "target_skip": pa.array(reasons, pa.string())}, sum(r is not None for r in reasons)
 

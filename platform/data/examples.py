@@ -339,6 +339,6 @@ def _all_present(batch: dict[str, np.ndarray], column: str) -> bool:
 
 def _stacked(values) -> torch.Tensor:
     """.npy bytes per row (precompute.py) -> one (B, ...) tensor of their dtype."""
-    import io
+    from kosmos_g.platform.data.precomputed import stack_npy
 
-    return torch.from_numpy(np.stack([np.load(io.BytesIO(raw)) for raw in values]))
+    return torch.from_numpy(stack_npy(values))

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 from dataclasses import asdict
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -33,6 +35,18 @@ KINDS = {2: "teacher", 3: "latents"}
 # Per stage: the columns a precomputed shard adds, and the record column it makes unnecessary.
 COLUMNS = {2: ["teacher"], 3: ["target_latents", "target_skip"]}
 REPLACED = {3: {"captions": "image", "compositional": "image", "editing": "edited_image"}}
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """A stored tensor: .npy bytes, so its dtype and shape travel with it."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def stack_npy(values) -> np.ndarray:
+    """Stored tensors of one column, stacked into one array."""
+    return np.stack([np.load(io.BytesIO(raw)) for raw in values])
 
 
 def precompute_key(stage: int, model_cfg, decoder_identity: str, data) -> str:

@@ -32,6 +32,8 @@ BLEND_SCHEMA = pa.schema(
     + [field for field in shards.SCHEMAS["editing"] if field.name not in ("key", "edited_caption")]
     # Read only from precomputed sets (platform/data/precomputed.py); null otherwise.
     + [pa.field("teacher", pa.binary()), pa.field("target_latents", pa.binary()), pa.field("target_skip", pa.string())]
+    # The mini decoder's U-Net inputs (platform/train/decoder_inputs.py), beside caption shards.
+    + [pa.field("latent_moments", pa.binary()), pa.field("condition", pa.binary())]
 )
 
 

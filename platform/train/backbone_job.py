@@ -15,7 +15,9 @@ Each streams the world's caption shards (written on first use) with Ray Data int
 Train + DeepSpeed loop, logs to MLflow and registers the result, tagged with a fingerprint of its
 config: a later run of the same config reuses that version unless `--set force=true`. The decoder
 job trains the VAE (its own MLflow run, `<name>-vae`), then the U-Net on the frozen text CLIP;
-its run name carries that CLIP (`mini-decoder-textclip3`), so a newer CLIP gets a fresh run.
+its run name carries that CLIP (`mini-decoder-textclip3`), so a newer CLIP gets a fresh run. Between
+the two it writes what the frozen VAE and text CLIP make of every record beside the caption shards
+(decoder_inputs.py), which the U-Net's steps read (`data.precomputed=off`: computed in the step).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from kosmos_g.platform.stack import cluster
 from kosmos_g.platform.train.backbones import (BackboneConfig, ClipTask, UnetTask, VaeTask, backbone_dataset,
                                                to_tensors)
 from kosmos_g.platform.train.config import OptimConfig, TrainConfig, world_root
+from kosmos_g.platform.train.decoder_inputs import ensure_decoder_inputs
 from kosmos_g.platform.train.job import RESUMABLE, check_resumable, checkpoint_uri, run_trainer
 from kosmos_g.platform.train.loop import BUNDLE_DIR
 
@@ -147,8 +150,8 @@ def decoder_run_name(name: str, clip_uri: str) -> str:
     return name if name.endswith(f"-{tag}") else f"{name}-{tag}"
 
 
-def _fit(cfg: BackboneConfig, task, pixels: str, image_size: int, run_id: str):
-    result = run_trainer(cfg, task, backbone_dataset(cfg, pixels, image_size), to_tensors, None, run_id)
+def _fit(cfg: BackboneConfig, task, pixels: str, image_size: int, run_id: str, inputs: str | None = None):
+    result = run_trainer(cfg, task, backbone_dataset(cfg, pixels, image_size, inputs), to_tensors, None, run_id)
     if result.error:
         raise result.error
     return result
@@ -165,7 +168,11 @@ def train_decoder(cfg: BackboneConfig, run_id: str):
     tracking.end_run(vae_run)
     vae_uri = storage.join(checkpoint_uri(vae_cfg, vae.checkpoint), BUNDLE_DIR)
     print(f"[{cfg.pipeline}] VAE trained ({vae_uri}); U-Net on the frozen {clip_uri}", flush=True)
-    return _fit(cfg, UnetTask(vae_uri, clip_uri), "vae", cfg.decoder.image_size, run_id)
+    inputs = None
+    if cfg.data.precomputed != "off":  # the frozen VAE's and text CLIP's outputs, once per record
+        inputs = ensure_decoder_inputs(cfg.data.captions, vae_uri, clip_uri, cfg.decoder.image_size,
+                                       f"[{cfg.pipeline}]")
+    return _fit(cfg, UnetTask(vae_uri, clip_uri), "vae", cfg.decoder.image_size, run_id, inputs)
 
 
 def log_binding(cfg: BackboneConfig, run_id: str, clip_dir: str) -> None:

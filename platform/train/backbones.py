@@ -70,6 +70,8 @@ class BackboneConfig:
             raise ConfigError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if not self.data.captions:
             raise ConfigError("data.captions is unset: the world's caption shards (kosmos-g data world)")
+        if self.data.precomputed not in ("auto", "off"):
+            raise ConfigError(f"data.precomputed must be 'auto' or 'off', got {self.data.precomputed!r}")
 
 
 # ------------------------------------------------------------------ data
@@ -88,7 +90,11 @@ class BackbonePreprocessor:
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         from kosmos_g.models.images import clip_preprocess, to_pil, vae_preprocess
         from kosmos_g.platform.data import imaging
+        from kosmos_g.platform.data.precomputed import stack_npy
 
+        if "condition" in table.column_names and table.column("condition").null_count == 0:
+            # the decoder's precomputed inputs (decoder_inputs.py)
+            return {name: stack_npy(table.column(name).to_pylist()) for name in ("latent_moments", "condition")}
         captions = table.column("caption").to_pylist()
         tokens = self.tokenizer(captions, padding="max_length", max_length=CONDITION_LENGTH, truncation=True,
                                 return_tensors="np")
@@ -105,11 +111,14 @@ def to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {key: torch.as_tensor(value) for key, value in batch.items()}
 
 
-def backbone_dataset(cfg: BackboneConfig, pixels: str, image_size: int):
+def backbone_dataset(cfg: BackboneConfig, pixels: str, image_size: int, inputs: str | None = None):
+    """The caption shards preprocessed for a backbone; with `inputs` (the prefix of the decoder's
+    precomputed inputs beside them), those read instead of tokenising and decoding."""
     from kosmos_g.platform.data.datastream import preprocessed_stream
 
     return preprocessed_stream(2, cfg.data, BackbonePreprocessor, {"image_size": image_size, "pixels": pixels},
-                               {"captions": ["key", "caption", "image"]})
+                               {"captions": ["key"] if inputs else ["key", "caption", "image"]},
+                               siblings={"captions": inputs} if inputs else None)
 
 
 # ------------------------------------------------------------------ tasks
@@ -251,15 +260,24 @@ class UnetTrainee(_Trainee):
         """The averaged U-Net when one is kept, else the trained one."""
         return self.ema_unet if self.ema_decay > 0 else self.unet
 
-    def forward(self, input_ids, pixel_values, generator=None, cond_dropout=0.1):
+    def forward(self, input_ids=None, pixel_values=None, generator=None, cond_dropout=0.1, latent_moments=None,
+                condition=None):
+        """The denoising loss of captioned scenes: `input_ids` and `pixel_values`, or what the frozen
+        text encoder and VAE make of them, precomputed (`condition`, `latent_moments`)."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
         from kosmos_g.models.image_decoder import noised_latents
 
         with torch.no_grad():
-            latents = self.vae.encode(pixel_values).latent_dist.sample(generator) * self.vae.config.scaling_factor
-            condition = self.text_encoder(input_ids=input_ids).last_hidden_state
+            if latent_moments is None:
+                latent_moments = self.vae.encode(pixel_values).latent_dist.parameters
+            posterior = DiagonalGaussianDistribution(latent_moments)
+            latents = posterior.sample(generator) * self.vae.config.scaling_factor
+            if condition is None:
+                condition = self.text_encoder(input_ids=input_ids).last_hidden_state
             if cond_dropout > 0:
                 rand_device = generator.device if generator is not None else latents.device
-                drop = torch.rand(len(input_ids), generator=generator, device=rand_device).to(latents.device)
+                drop = torch.rand(len(latents), generator=generator, device=rand_device).to(latents.device)
                 empty = self.text_encoder(input_ids=self.empty_ids).last_hidden_state
                 condition = torch.where((drop < cond_dropout)[:, None, None], empty, condition)
         noisy, timesteps, target = noised_latents(self.scheduler, latents, generator)
@@ -281,8 +299,11 @@ class UnetTask(Task):
         return UnetTrainee(cfg.decoder, vae_dir, clip_dir).to(device).train()
 
     def losses(self, model, batch, cfg, generator=None, training=True):
-        return model(batch["input_ids"], batch["pixel_values"], generator,
-                     cfg.train.cond_dropout if training else 0.0)
+        return model(batch.get("input_ids"), batch.get("pixel_values"), generator,
+                     cfg.train.cond_dropout if training else 0.0, batch.get("latent_moments"), batch.get("condition"))
+
+    def count(self, batch):
+        return int(next(iter(batch.values())).shape[0]), 0
 
     def after_step(self, model):
         model.update_ema()

@@ -5,13 +5,16 @@ the same config reuses the registered version."""
 
 from __future__ import annotations
 
+import json
 import math
 
+import pyarrow as pa
 import pytest
 import torch
 
-from kosmos_g.platform import tracking
+from kosmos_g.platform import storage, tracking
 from kosmos_g.platform.config import fingerprint
+from kosmos_g.platform.data import precomputed
 from kosmos_g.platform.train.backbone_job import (NOT_DECIDING, backbone_presets, decoder_run_name,
                                                   pinned_fingerprint, run_backbone)
 
@@ -108,6 +111,11 @@ def test_mini_clip_then_mini_decoder(world_prefix):
     assert decoder_run_name("d", "s3://bucket/clip") != decoder_run_name("d", "s3://bucket/other-clip")
     first, last = _loss_fell(_run_of(decoder))
     assert last < first, (first, last)
+    # Its U-Net read the frozen VAE's and text CLIP's outputs computed once per record, beside the shards.
+    sets = [uri for uri in storage.list_uris(f"{world_prefix}/world/captions.precomputed/")
+            if uri.endswith("/" + precomputed.MANIFEST)]
+    assert len(sets) == 1 and "/decoder-" in sets[0], sets
+    assert json.loads(storage.read_text(sets[0]))["count"] == 96
     sd_dir = tracking.resolve_artifacts(f"models:/{decoder}")
     for part in ("unet", "vae", "scheduler", "text_encoder", "tokenizer"):
         assert (sd_dir / part).is_dir(), part
@@ -148,6 +156,32 @@ def test_mini_clip_then_mini_decoder(world_prefix):
     target = torch.rand(1, 3, 16, 16) * 2 - 1
     assert torch.isfinite(model.diffusion_loss(batch, target))
 
+
+
+def test_decoder_inputs_precomputed_give_the_loss_of_the_step(world_prefix):
+    """The U-Net's loss on precomputed VAE moments and text states equals the loss with the frozen
+    VAE and text encoder run in the step: same batch, same generator."""
+    from kosmos_g.platform.data.world import caption_rows, scenes
+    from kosmos_g.platform.train.backbones import BackbonePreprocessor, UnetTrainee, to_tensors
+    from kosmos_g.platform.train.decoder_inputs import FrozenInputs
+
+    cfg = _decoder_config(world_prefix, "unused")
+    decoder = run_backbone(_decoder_config(world_prefix, run_backbone(_text_clip_config(world_prefix))))
+    sd_dir = tracking.resolve_artifacts(f"models:/{decoder}")
+    trainee = UnetTrainee(cfg.decoder, sd_dir, sd_dir / "text_encoder").train()
+    rows = caption_rows(scenes(6, 3))
+    captions, images = [row["caption"] for row in rows], [row["image"] for row in rows]
+    moments, condition = FrozenInputs(sd_dir, sd_dir / "text_encoder", cfg.decoder.image_size)(captions, images)
+    raw = to_tensors(BackbonePreprocessor(cfg.decoder.image_size, "vae")(pa.table({"caption": captions,
+                                                                                   "image": images})))
+    stored = to_tensors(BackbonePreprocessor(cfg.decoder.image_size, "vae")(pa.table({
+        "latent_moments": [precomputed.npy_bytes(m) for m in moments],
+        "condition": [precomputed.npy_bytes(c) for c in condition]})))
+    with torch.no_grad():
+        in_step = trainee(raw["input_ids"], raw["pixel_values"], torch.Generator().manual_seed(5), 0.5)["loss"]
+        read = trainee(generator=torch.Generator().manual_seed(5), cond_dropout=0.5, **stored)["loss"]
+    assert torch.isfinite(in_step)
+    assert torch.allclose(in_step, read, rtol=1e-5, atol=1e-6), (in_step, read)
 
 
 def test_mini_chain_at_reduced_size(world_prefix):
