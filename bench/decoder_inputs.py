@@ -52,7 +52,7 @@ def batches(decoder, workdir: str, count: int, batch_size: int):
         table = pa.table({"caption": [r["caption"] for r in rows], "image": [r["image"] for r in rows]})
         raw.append(to_tensors(preprocess(table)))
         started = time.perf_counter()
-        moments, condition = frozen(table.column("caption").to_pylist(), table.column("image").to_pylist())
+        moments, condition = frozen(table)
         seconds += time.perf_counter() - started
         stored.append(to_tensors(preprocess(pa.table({
             "latent_moments": [precomputed.npy_bytes(m) for m in moments],

@@ -16,13 +16,11 @@ unless `--force`. Progress is printed per shard; counts and time go to MLflow (e
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from kosmos_g.platform import storage, tracking
 from kosmos_g.platform.config import ConfigError, to_dict, to_yaml
@@ -30,8 +28,8 @@ from kosmos_g.platform.data import precomputed
 from kosmos_g.platform.stack import cluster
 
 
-class ShardEncoder:
-    """Ray Data actor: one source shard per call -> its precomputed shard, written beside it."""
+class StageShardEncoder(precomputed.ShardEncoder):
+    """One source shard -> the frozen teacher's outputs (stage 2) or VAE posteriors (stage 3)."""
 
     def __init__(self, config: dict, init_uri: str | None, source: str, source_prefix: str, key: str,
                  batch_size: int):
@@ -40,10 +38,9 @@ class ShardEncoder:
         from kosmos_g.platform.config import from_dict
         from kosmos_g.platform.train.config import StageConfig
 
+        super().__init__(source_prefix, key)
         self.cfg = from_dict(StageConfig, config)
         self.source, self.batch_size = source, batch_size
-        self.out_prefix = precomputed.prefix_for(source_prefix, key)
-        self.filesystem, _ = storage.pyarrow_filesystem(source_prefix)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.decoder = self._decoder(init_uri)
 
@@ -60,16 +57,8 @@ class ShardEncoder:
         # A random decoder (tiny presets started from random): the seeded build of the workers.
         return StageTask(self.cfg.stage).build(self.cfg, None, self.device).image_decoder
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        uri, out = batch.column("uri")[0].as_py(), batch.column("sibling")[0].as_py()
-        encode = self._teacher if self.cfg.stage == 2 else self._latents
-        columns, skipped = encode(uri)
-        table = pa.table(columns)
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        storage.write_bytes(out, buffer.getvalue())  # one object, written whole
-        return pa.table({"shard": [out[len(self.out_prefix):].lstrip("/")], "rows": [table.num_rows],
-                         "skipped": [skipped]})
+    def encode(self, uri: str) -> tuple[dict, int]:
+        return self._teacher(uri) if self.cfg.stage == 2 else self._latents(uri)
 
     def _chunks(self, indices: list[int]):
         for start in range(0, len(indices), self.batch_size):
@@ -116,27 +105,9 @@ class ShardEncoder:
                 "target_skip": pa.array(reasons, pa.string())}, sum(r is not None for r in reasons)
 
 
-def encode_source(cfg, init_uri, source: str, prefix: str, key: str, identity: str, args) -> dict[str, int]:
-    """Every shard of one source through the actor pool; the set's manifest once all are written."""
+def run(cfg, args) -> dict[str, float]:
     import ray
 
-    pairs = precomputed.sibling_uris(prefix, precomputed.prefix_for(prefix, key))
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    items = [{"uri": uri, "sibling": sibling} for uri, sibling in pairs]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ShardEncoder, fn_constructor_kwargs={"config": to_dict(cfg), "init_uri": init_uri, "source": source,
-                                             "source_prefix": prefix, "key": key, "batch_size": args.batch_size},
-        batch_format="pyarrow", batch_size=1, concurrency=args.workers, num_cpus=args.num_cpus, num_gpus=gpus)
-    shard_rows, skipped = {}, 0
-    for done, row in enumerate(ds.iter_rows(), 1):
-        shard_rows[row["shard"]] = int(row["rows"])
-        skipped += int(row["skipped"])
-        print(f"[precompute] {source}: {done}/{len(items)} shards ({sum(shard_rows.values())} rows)", flush=True)
-    precomputed.write_manifest(prefix, key, identity, shard_rows)
-    return {"rows": sum(shard_rows.values()), "skipped": skipped, "shards": len(shard_rows)}
-
-
-def run(cfg, args) -> dict[str, float]:
     from kosmos_g.platform.data.datastream import stage_sources
     from kosmos_g.platform.train import job
 
@@ -161,7 +132,11 @@ def run(cfg, args) -> dict[str, float]:
                 print(f"[precompute] {source}: {precomputed.prefix_for(prefix, key)} is complete (--force redoes it)",
                       flush=True)
                 continue
-            counts = encode_source(cfg, init_uri, source, prefix, key, identity, args)
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+            counts = precomputed.encode_source(
+                prefix, key, identity, StageShardEncoder,
+                {"config": to_dict(cfg), "init_uri": init_uri, "source": source, "batch_size": args.batch_size},
+                concurrency=args.workers, num_cpus=args.num_cpus, num_gpus=gpus, label=f"[precompute] {source}")
             metrics = {name: metrics[name] + counts[name] for name in metrics}
     except BaseException:
         tracking.end_run(run_id, "FAILED")

@@ -122,6 +122,50 @@ def read_shard(uri: str, columns: list[str], filesystem, sibling: str | None = N
     return table
 
 
+class ShardEncoder:
+    """Ray Data actor: one source shard per call (a row of `uri`, `sibling`) -> its precomputed
+    shard, written whole beside it. A subclass says what one shard's columns are (`encode`)."""
+
+    def __init__(self, source_prefix: str, key: str):
+        self.out_prefix = prefix_for(source_prefix, key)
+        self.filesystem, _ = storage.pyarrow_filesystem(source_prefix)
+
+    def encode(self, uri: str) -> tuple[dict, int]:
+        """({column: values}, `key` first, for every row of the shard at `uri`; rows kept as skipped)."""
+        raise NotImplementedError
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        uri, out = batch.column("uri")[0].as_py(), batch.column("sibling")[0].as_py()
+        columns, skipped = self.encode(uri)
+        table = pa.table(columns)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        storage.write_bytes(out, buffer.getvalue())  # one object, written whole
+        return pa.table({"shard": [out[len(self.out_prefix):].lstrip("/")], "rows": [table.num_rows],
+                         "skipped": [skipped]})
+
+
+def encode_source(source_prefix: str, key: str, identity: str, encoder: type[ShardEncoder], encoder_kwargs: dict,
+                  *, concurrency: int = 1, num_cpus: float = 1.0, num_gpus: float = 0,
+                  label: str = "[precompute]") -> dict[str, int]:
+    """Every shard of one source through a pool of `encoder` actors, progress printed per shard;
+    the set's manifest once all are written. Returns its rows, rows kept as skipped and shards."""
+    import ray
+
+    pairs = sibling_uris(source_prefix, prefix_for(source_prefix, key))
+    items = [{"uri": uri, "sibling": sibling} for uri, sibling in pairs]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        encoder, fn_constructor_kwargs={**encoder_kwargs, "source_prefix": source_prefix, "key": key},
+        batch_format="pyarrow", batch_size=1, concurrency=concurrency, num_cpus=num_cpus, num_gpus=num_gpus)
+    shard_rows, skipped = {}, 0
+    for done, row in enumerate(ds.iter_rows(), 1):
+        shard_rows[row["shard"]] = int(row["rows"])
+        skipped += int(row["skipped"])
+        print(f"{label}: {done}/{len(items)} shards ({sum(shard_rows.values())} rows)", flush=True)
+    write_manifest(source_prefix, key, identity, shard_rows)
+    return {"rows": sum(shard_rows.values()), "skipped": skipped, "shards": len(shard_rows)}
+
+
 def write_manifest(source_prefix: str, key: str, identity: str, shard_rows: dict[str, int]) -> None:
     """Marks a set complete: written after every shard file."""
     storage.write_text(storage.join(prefix_for(source_prefix, key), MANIFEST), json.dumps(

@@ -170,10 +170,9 @@ def test_decoder_inputs_precomputed_give_the_loss_of_the_step(world_prefix):
     sd_dir = tracking.resolve_artifacts(f"models:/{decoder}")
     trainee = UnetTrainee(cfg.decoder, sd_dir, sd_dir / "text_encoder").train()
     rows = caption_rows(scenes(6, 3))
-    captions, images = [row["caption"] for row in rows], [row["image"] for row in rows]
-    moments, condition = FrozenInputs(sd_dir, sd_dir / "text_encoder", cfg.decoder.image_size)(captions, images)
-    raw = to_tensors(BackbonePreprocessor(cfg.decoder.image_size, "vae")(pa.table({"caption": captions,
-                                                                                   "image": images})))
+    records = pa.table({"caption": [row["caption"] for row in rows], "image": [row["image"] for row in rows]})
+    moments, condition = FrozenInputs(sd_dir, sd_dir / "text_encoder", cfg.decoder.image_size)(records)
+    raw = to_tensors(BackbonePreprocessor(cfg.decoder.image_size, "vae")(records))
     stored = to_tensors(BackbonePreprocessor(cfg.decoder.image_size, "vae")(pa.table({
         "latent_moments": [precomputed.npy_bytes(m) for m in moments],
         "condition": [precomputed.npy_bytes(c) for c in condition]})))
