@@ -24,6 +24,11 @@ import psutil
 
 LOOPBACK = "127.0.0.1"
 STACK_ID_VAR = "KOSMOS_STACK_ID"
+# Ray's log monitor looks for new log files 10 times a second until a session has 1,000 of them; a
+# local stack adds ≈ 30 per job, so the search grows with every job and competes with training on
+# two cores (≈ 4.7 CPU-s of a tiny stage job after six jobs; 6% of a core while idle). Once a second
+# is enough for a new worker's first lines (<0.5 CPU-s a job, 2.5% idle). A user's values win.
+LOG_MONITOR_ENV = {"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0", "LOG_NAME_UPDATE_INTERVAL_S": "1"}
 
 
 class ServiceError(RuntimeError):
@@ -245,7 +250,7 @@ class RaySettings:
 def _ray_node_env(settings: RaySettings, job_env: dict[str, str], stack_id: str) -> dict[str, str]:
     """The environment of a `ray start` (head or worker node): `job_env`, which every job driver and
     worker inherits, the auth token settings, the stack's tag and this venv's scripts on PATH."""
-    env = {**os.environ, **job_env, **settings.client_env(), STACK_ID_VAR: stack_id}
+    env = {**LOG_MONITOR_ENV, **os.environ, **job_env, **settings.client_env(), STACK_ID_VAR: stack_id}
     env.pop("RAY_ADDRESS", None)  # `ray start` must not try to join another cluster than it is told
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env

@@ -95,6 +95,14 @@ def test_up_status_submit_down(tmp_path):
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
             storage._s3_client_for.cache_clear()
 
+        # The head's log monitor looks for new log files once a second, not ten times (services.LOG_MONITOR_ENV).
+        stack_state = json.loads((state / "stack.json").read_text())
+        monitors = [process for process in services.processes_matching(
+            services.ray_head_pattern(stack_state["ports"]["ray_gcs"]))
+            if any(arg.endswith("log_monitor.py") for arg in process.cmdline())]
+        assert len(monitors) == 1, monitors
+        assert {key: monitors[0].environ().get(key) for key in services.LOG_MONITOR_ENV} == services.LOG_MONITOR_ENV
+
         _serve_deploy_the_shipped_config(tmp_path, {**base_env, **exported})
 
         # Without the token the job server refuses the client.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kosmos_g.platform.train import loop
 
 
@@ -41,3 +43,29 @@ def test_a_pause_that_raises_is_still_left_out(monkeypatch):
     except OSError:
         pass
     assert meter.metrics(world_size=1)["samples_per_s"] == 4.0
+
+
+def test_the_early_first_batch_keeps_the_stream_and_its_errors():
+    """FirstBatchEarly fetches the first batch in a thread while the caller builds its model: the
+    batches and their order are the stream's, and a stream that fails raises at the first `next`."""
+    import threading
+
+    fetched_by = []
+
+    def stream():
+        fetched_by.append(threading.current_thread().name)
+        yield from ({"step": index} for index in range(4))
+
+    early = loop.FirstBatchEarly(stream())
+    assert [next(early)["step"] for _ in range(4)] == [0, 1, 2, 3]
+    assert fetched_by[0].startswith("first-batch")  # the generator started in the fetcher thread
+    with pytest.raises(StopIteration):
+        next(early)
+
+    def broken():
+        raise RuntimeError("the training stream produced no full batch")
+        yield
+
+    failing = loop.FirstBatchEarly(broken())
+    with pytest.raises(RuntimeError, match="no full batch"):
+        next(failing)
