@@ -22,7 +22,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from kosmos_g.platform import storage, tracking
+from kosmos_g.platform import tracking
 from kosmos_g.platform.config import ConfigError, to_dict, to_yaml
 from kosmos_g.platform.data import precomputed
 from kosmos_g.platform.stack import cluster
