@@ -144,7 +144,7 @@ def batches(shard, cfg, collate) -> Iterator[dict[str, Any]]:
 class FirstBatchEarly:
     """`stream`, its first batch fetched by a background thread from construction on: the data
     pipeline's start-up (Ray Data's coordinator and reader actors: new processes, imports, first
-    reads; ≈ 15 s of a tiny job on two cores) runs while the worker builds its model and DeepSpeed
+    reads; ≈ 17 s of a tiny job on two cores) runs while the worker builds its model and DeepSpeed
     engine instead of after. Batches and their order are those of `stream`."""
 
     def __init__(self, stream: Iterator[dict[str, Any]]):
