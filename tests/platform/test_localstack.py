@@ -102,6 +102,11 @@ def test_up_status_submit_down(tmp_path):
             if any(arg.endswith("log_monitor.py") for arg in process.cmdline())]
         assert len(monitors) == 1, monitors
         assert {key: monitors[0].environ().get(key) for key in services.LOG_MONITOR_ENV} == services.LOG_MONITOR_ENV
+        # The MLflow server runs without MLflow's job runner (services.MLFLOW_SERVER_ENV): no huey
+        # consumer processes (by now, after a job, they would long have been started).
+        commands = [" ".join(process.cmdline()) for process in services.tagged_processes(stack_state["stack_id"])]
+        assert any(" server " in command and "mlflow" in command for command in commands), commands
+        assert [command for command in commands if "huey" in command] == []
 
         _serve_deploy_the_shipped_config(tmp_path, {**base_env, **exported})
 
