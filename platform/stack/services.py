@@ -30,9 +30,9 @@ STACK_ID_VAR = "KOSMOS_STACK_ID"
 # is enough for a new worker's first lines (<0.5 CPU-s a job, 2.5% idle). A user's values win.
 LOG_MONITOR_ENV = {"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0", "LOG_NAME_UPDATE_INTERVAL_S": "1"}
 # MLflow 3's server starts a job runner by default, for its GenAI jobs: seven huey consumer
-# processes that each import MLflow at every start (≈ 5.5 CPU-s each, ≈ 40 s of a 2-core
-# machine's CPU, and 1.6 GB resident together while idle). The platform runs no MLflow server
-# jobs (tracking and the registry need none). A user's value wins.
+# processes that each import MLflow at every start (a stack's first 90 s with them: ≈ 43 CPU-s
+# and 8 s of `local up` more, 1.8 GiB more resident; docs/REPRODUCTION.md). The platform runs no
+# MLflow server jobs (tracking and the registry need none). A user's value wins.
 MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
