@@ -259,6 +259,30 @@ def preprocessed_stream(stage: int, data: DataConfig, preprocessor: Callable, kw
     return _over_windows(items, data, WindowReader, fn_constructor_kwargs=reader_kwargs, compute=_pool(data))
 
 
+def records_per_packed_row(data: DataConfig, model: ModelConfig, siblings: dict[str, str] | None = None,
+                           sample: int = 512) -> float:
+    """How many stage-1 records one packed row holds (1.0 without packing), measured on the first
+    `sample` records of the stream's first window: read, preprocessed and packed here, in this
+    process, as the stream does. The epoch's first window whatever the resume position, so one
+    config always gives the same figure. `start_row` and `rows` count records, so a job that wants
+    N packed rows asks for about N times this many (train/resume.py)."""
+    if data.shuffle != "stream" or data.pack_length <= 0:
+        return 1.0
+    import dataclasses
+
+    from kosmos_g.platform.data.packing import pack_rows
+
+    sources, siblings = stage_sources(1, data), siblings or {}
+    items, filesystems = stream_items(sources, data, 0, None, siblings)
+    first = {**items[0], "part": [0, sample]}  # the window's shuffle is the same whatever the part
+    # No skip counter: the sample's skipped records are the stream's to count, when it reads them.
+    preprocess = {"stage": 1, "data": dataclasses.replace(data, skip_counter=None), "model": model}
+    reader = WindowReader(Preprocessor, preprocess, _read_columns(1, None, siblings), data.seed, filesystems,
+                          data.batch_size)
+    rows = [row for table in reader(pa.Table.from_pylist([first])) for row in table.to_pylist()]
+    return len(rows) / len(pack_rows(rows, data.pack_length)) if rows else 1.0
+
+
 def collate_fn(stage: int, model: ModelConfig) -> Callable[[dict[str, np.ndarray]], dict[str, Any]]:
     """Pads example rows into the model batch dict (models/prompt.py) plus `captions`
     (stage 2) and `target_pixels` (stage 3)."""

@@ -129,9 +129,15 @@ def optimizer_step(engine) -> None:
     engine.step()  # clips, steps the optimiser and the LR schedule, zeroes grads
 
 
-def batches(shard, cfg, collate) -> Iterator[dict[str, Any]]:
-    """Endless batches: the shard is re-iterated epoch after epoch."""
+def batches(shard, cfg, collate, rank: int = 0) -> Iterator[dict[str, Any]]:
+    """Endless batches: the shard is re-iterated pass after pass. A stage's stream is sized to hold
+    the whole job (train/resume.py), so a second pass there means its records come again; the
+    log says when one begins."""
+    passes = 0
     while True:
+        if passes and rank == 0:
+            say(f"[{cfg.pipeline}] the data stream ended: pass {passes + 1} over it begins")
+        passes += 1
         empty = True
         for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, collate_fn=collate,
                                               drop_last=True):
@@ -282,7 +288,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # By default one intra-op thread per reserved core: workers share the machine.
         torch.set_num_threads(cfg.train.torch_threads or max(1, int(cfg.train.cpus_per_worker)))
 
-    stream = FirstBatchEarly(batches(ray.train.get_dataset_shard("train"), cfg, loop_config["collate"]))
+    stream = FirstBatchEarly(batches(ray.train.get_dataset_shard("train"), cfg, loop_config["collate"], rank))
     model = task.build(cfg, loop_config.get("init_uri"), device)
     engine = make_engine(model, cfg, on_gpu, world_size)
     step = restore_checkpoint(engine)

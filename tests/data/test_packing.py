@@ -91,3 +91,21 @@ def test_the_stage1_stream_packs_rows(ray_local, sample_shards):
     collated = collate_fn(1, model)(batch)
     assert collated["document_ids"].shape == collated["input_ids"].shape
     assert int(collated["document_ids"].max()) == max(len(r["doc_lengths"]) for r in rows[:4])
+
+
+def test_a_packed_stage1_stream_holds_the_whole_job(ray_local, sample_shards, s3_prefix):
+    """The stream counts records and a packed row holds several: a stage-1 job's stream must hold
+    its steps' packed rows, or the job reads the same records pass after pass (it held 32 of a
+    10-step tiny job's 96 rows when it asked for 96 records)."""
+    from kosmos_g.platform.data.datastream import records_per_packed_row
+    from kosmos_g.platform.train.config import stage_presets
+    from kosmos_g.platform.train.resume import StageStream
+
+    cfg = stage_presets(1).get("tiny", [f"storage_path={s3_prefix}/ray-train", "train.steps=10", "name=packed"])
+    cfg.data.captions, cfg.data.compositional = sample_shards["captions"], sample_shards["compositional"]
+    per_row = records_per_packed_row(cfg.data, cfg.model)
+    assert per_row > 2 and per_row == records_per_packed_row(cfg.data, cfg.model)  # measured, the same each time
+    assert records_per_packed_row(dataclasses.replace(cfg.data, pack_length=0), cfg.model) == 1.0
+    rows = StageStream(cfg, cfg.model, None)().take_all()
+    needed = (cfg.train.steps + 2) * cfg.train.batch_size * cfg.train.num_workers
+    assert needed <= len(rows) <= 2 * needed, (needed, len(rows))
