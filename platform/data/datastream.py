@@ -251,12 +251,19 @@ def preprocessed_stream(stage: int, data: DataConfig, preprocessor: Callable, kw
         return blended_records(stage, data, columns, start_row, rows, siblings).map_batches(
             preprocessor, fn_constructor_kwargs=kwargs, batch_format="pyarrow", batch_size=data.batch_size,
             num_cpus=data.num_cpus, compute=_pool(data))
-    sources, siblings = stage_sources(stage, data), siblings or {}
-    columns = _read_columns(stage, columns, siblings)
-    items, filesystems = stream_items(sources, data, start_row, rows, siblings)
-    reader_kwargs = {"preprocessor": preprocessor, "kwargs": kwargs, "columns": columns, "seed": data.seed,
-                     "filesystems": filesystems, "batch_size": data.batch_size}
+    items, reader_kwargs = _window_reading(stage, data, preprocessor, kwargs, columns, start_row, rows, siblings)
     return _over_windows(items, data, WindowReader, fn_constructor_kwargs=reader_kwargs, compute=_pool(data))
+
+
+def _window_reading(stage: int, data: DataConfig, preprocessor: Callable, kwargs: dict,
+                    columns: dict[str, list[str]] | None, start_row: int, rows: int | None,
+                    siblings: dict[str, str] | None) -> tuple[list[dict], dict]:
+    """(the `stream` shuffle's window items, `WindowReader`'s constructor arguments), arguments as
+    in `preprocessed_stream`."""
+    sources, siblings = stage_sources(stage, data), siblings or {}
+    items, filesystems = stream_items(sources, data, start_row, rows, siblings)
+    return items, {"preprocessor": preprocessor, "kwargs": kwargs, "columns": _read_columns(stage, columns, siblings),
+                   "seed": data.seed, "filesystems": filesystems, "batch_size": data.batch_size}
 
 
 def records_per_packed_row(data: DataConfig, model: ModelConfig, siblings: dict[str, str] | None = None,
@@ -272,13 +279,11 @@ def records_per_packed_row(data: DataConfig, model: ModelConfig, siblings: dict[
 
     from kosmos_g.platform.data.packing import pack_rows
 
-    sources, siblings = stage_sources(1, data), siblings or {}
-    items, filesystems = stream_items(sources, data, 0, None, siblings)
-    first = {**items[0], "part": [0, sample]}  # the window's shuffle is the same whatever the part
     # No skip counter: the sample's skipped records are the stream's to count, when it reads them.
     preprocess = {"stage": 1, "data": dataclasses.replace(data, skip_counter=None), "model": model}
-    reader = WindowReader(Preprocessor, preprocess, _read_columns(1, None, siblings), data.seed, filesystems,
-                          data.batch_size)
+    items, reader_kwargs = _window_reading(1, data, Preprocessor, preprocess, None, 0, None, siblings)
+    first = {**items[0], "part": [0, sample]}  # the window's shuffle is the same whatever the part
+    reader = WindowReader(**reader_kwargs)
     rows = [row for table in reader(pa.Table.from_pylist([first])) for row in table.to_pylist()]
     return len(rows) / len(pack_rows(rows, data.pack_length)) if rows else 1.0
 
