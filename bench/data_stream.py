@@ -19,6 +19,11 @@ samples/s from the first batch to the last of `--samples` examples (stage 1, tin
 single-process boto3 + PIL loop over the same shards (each shard fetched, decoded and
 preprocessed in turn). `--compare-global` adds the time to first batch of the whole-epoch
 shuffle (`shuffle="global"`) on the same natural epoch.
+
+`--job-rows 100000,1000000,10000000` measures what the length of a job costs before its first
+batch: the stream of the 1,000-record set sized to hold that many rows (as a training job sizes
+it, `train/resume.py`), its window items made in tasks from the epoch's plan (the default for
+more than `datastream.LISTED_ITEMS`) against the same items listed on the driver, same run.
 """
 
 from __future__ import annotations
@@ -176,6 +181,49 @@ def scaling(sizes: list[int], samples: int, batch_size: int, workers: int, compa
     return rows
 
 
+def long_streams(lengths: list[int], batch_size: int, workers: int) -> list[dict]:
+    """Per stream length (rows): window items, bytes the driver holds for them listed vs as the
+    plan, and seconds to the first batch with the items made in tasks vs listed."""
+    import pickle
+
+    from kosmos_g.models.config import model_preset
+    from kosmos_g.platform.data import datastream
+    from kosmos_g.platform.data.datastream import DataConfig, collate_fn, training_dataset
+
+    model, rows, listing = model_preset("tiny"), [], datastream.LISTED_ITEMS
+    data = DataConfig(captions=scaling_shards(os.environ["KOSMOS_STORAGE_ROOT"], 1000), workers=workers, num_cpus=0.5)
+
+    def first_batch(length: int) -> float:
+        started = time.perf_counter()
+        batches = iter(training_dataset(1, data, model, rows=length).iter_torch_batches(
+            batch_size=batch_size, collate_fn=collate_fn(1, model)))
+        next(batches)
+        seconds = time.perf_counter() - started
+        batches.close()
+        return seconds
+
+    first_batch(lengths[0])  # warm-up: Ray's workers start
+    for length in lengths:
+        plan, _ = datastream.stream_plan(datastream.stage_sources(1, data), data, 0, length)
+        row = {"rows": length, "items": plan.item_count(), "plan_bytes": len(pickle.dumps(plan)),
+               "listed_bytes": len(pickle.dumps(list(plan.items())))}
+        datastream.LISTED_ITEMS = 0
+        row["generated_first_batch_s"] = first_batch(length)
+        datastream.LISTED_ITEMS = 1 << 62
+        row["listed_first_batch_s"] = first_batch(length)
+        datastream.LISTED_ITEMS = listing
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| stream rows | window items | driver holds: listed / plan | first batch: listed | first batch: "
+          "made in tasks | ratio |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['rows']:,} | {row['items']:,} | {row['listed_bytes'] / 1e6:.2f} MB / {row['plan_bytes'] / 1e3:.2f} kB"
+              f" | {row['listed_first_batch_s']:.1f} s | {row['generated_first_batch_s']:.1f} s | "
+              f"{row['listed_first_batch_s'] / row['generated_first_batch_s']:.1f}x |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", default=None,
@@ -188,15 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--scaling", default=None, help="comma-separated dataset sizes (records): the scaling table")
     parser.add_argument("--compare-global", action="store_true", help="--scaling: also the whole-epoch shuffle's")
+    parser.add_argument("--job-rows", default=None, help="comma-separated stream lengths (rows): first batch vs length")
     args = parser.parse_args(argv)
-    if args.scaling:
+    if args.job_rows or args.scaling:
         from kosmos_g.platform.stack import cluster
 
         if not os.environ.get("KOSMOS_STORAGE_ROOT", "").startswith("s3://"):
             parser.error("set KOSMOS_STORAGE_ROOT to an s3:// prefix (eval \"$(kosmos-g local env)\")")
         cluster.connect()
-        rows = scaling([int(n) for n in args.scaling.split(",")], args.samples, args.batch_size, args.workers,
-                       args.compare_global)
+        if args.job_rows:
+            rows = long_streams([int(float(n)) for n in args.job_rows.split(",")], args.batch_size, args.workers)
+        else:
+            rows = scaling([int(n) for n in args.scaling.split(",")], args.samples, args.batch_size, args.workers,
+                           args.compare_global)
         if args.json:
             with open(args.json, "w") as stream:
                 json.dump(rows, stream, indent=2)

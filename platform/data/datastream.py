@@ -40,9 +40,9 @@ from kosmos_g.platform.data import precomputed, shards, skips
 from kosmos_g.platform import storage
 from kosmos_g.platform.data.examples import Preprocessor, StreamCollator
 # The blend and the stream's read plan (re-exported: jobs, tests and benches use them from here).
-from kosmos_g.platform.data.windows import (BLEND_SCHEMA, STREAM_BLOCK_BYTES, WindowReader, epoch_plan,  # noqa: F401
-                                            read_window, resample, resume_windows, source_manifest,
-                                            stream_items, stream_windows, window_starts)
+from kosmos_g.platform.data.windows import (BLEND_SCHEMA, STREAM_BLOCK_BYTES, StreamPlan, WindowReader,  # noqa: F401
+                                            epoch_plan, generate_items, read_window, resample, source_manifest,
+                                            stream_plan, stream_span, stream_windows, window_starts)
 
 # Order of DataConfig.weights.
 SOURCE_ORDER = ("compositional", "editing", "captions")
@@ -200,17 +200,36 @@ def _shuffled_records(sources, columns: dict[str, list[str]], data: DataConfig, 
 def _streamed_records(sources, columns: dict[str, list[str]], data: DataConfig, start_row: int = 0,
                       rows: int | None = None, siblings: dict[str, str] | None = None):
     """`stream_windows` as a dataset of windows, read by tasks that resample and shuffle each;
-    from `start_row` on and for `rows` rows (see `resume_windows`)."""
-    items, filesystems = stream_items(sources, data, start_row, rows, siblings)
-    return _over_windows(items, data, read_window, fn_args=(columns, data.seed, filesystems))
+    from `start_row` on and for `rows` rows (see `stream_span`)."""
+    plan, filesystems = stream_plan(sources, data, start_row, rows, siblings)
+    return _over_windows(plan, data, read_window, fn_args=(columns, data.seed, filesystems))
 
 
-def _over_windows(items: list[dict], data: DataConfig, fn: Callable, **map_args):
+# A stream of at most this many window items lists them on the driver, one block each; a longer
+# one makes them in tasks (`generate_items`), at most ITEM_TASKS runs of windows. Listing costs
+# a `ray.put` per item: 20,000 items took 53 s before the first row on this 2-core machine, and a
+# paper-scale stage-2 job (300,000 steps x 3,584 captions, 4,000-record windows) has ≈ 270,000.
+LISTED_ITEMS = 2048
+ITEM_TASKS = 256
+
+
+def _over_windows(plan: StreamPlan, data: DataConfig, fn: Callable, **map_args):
     """The stream's window items as a dataset mapped by `fn`, one item per call."""
     import ray
 
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        fn, batch_format="pyarrow", batch_size=1, num_cpus=data.num_cpus, **map_args)
+    items = plan.item_count()
+    if items <= LISTED_ITEMS:
+        ds = ray.data.from_items(list(plan.items()), override_num_blocks=items)
+    else:
+        chunks = plan.chunks(ITEM_TASKS)
+        # Each task makes its run's items as the stream reaches them (Ray Data holds a generator
+        # task back while its output waits), and the repartition, fused into that task, hands
+        # each item on as a block of its own, so each reads in a task of its own as when listed.
+        # The fusion needs the repartition's default resources (one CPU) on the item task too.
+        ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
+            generate_items, fn_args=(plan,), batch_format="pyarrow", batch_size=1,
+        ).repartition(target_num_rows_per_block=1)
+    ds = ds.map_batches(fn, batch_format="pyarrow", batch_size=1, num_cpus=data.num_cpus, **map_args)
     # Ray Data holds a task's output back until a block reaches this size: with the default (128
     # MiB) a window of small records would come out whole, and the first batch would wait for it.
     ds.context.target_max_block_size = STREAM_BLOCK_BYTES
@@ -251,18 +270,18 @@ def preprocessed_stream(stage: int, data: DataConfig, preprocessor: Callable, kw
         return blended_records(stage, data, columns, start_row, rows, siblings).map_batches(
             preprocessor, fn_constructor_kwargs=kwargs, batch_format="pyarrow", batch_size=data.batch_size,
             num_cpus=data.num_cpus, compute=_pool(data))
-    items, reader_kwargs = _window_reading(stage, data, preprocessor, kwargs, columns, start_row, rows, siblings)
-    return _over_windows(items, data, WindowReader, fn_constructor_kwargs=reader_kwargs, compute=_pool(data))
+    plan, reader_kwargs = _window_reading(stage, data, preprocessor, kwargs, columns, start_row, rows, siblings)
+    return _over_windows(plan, data, WindowReader, fn_constructor_kwargs=reader_kwargs, compute=_pool(data))
 
 
 def _window_reading(stage: int, data: DataConfig, preprocessor: Callable, kwargs: dict,
                     columns: dict[str, list[str]] | None, start_row: int, rows: int | None,
-                    siblings: dict[str, str] | None) -> tuple[list[dict], dict]:
-    """(the `stream` shuffle's window items, `WindowReader`'s constructor arguments), arguments as
+                    siblings: dict[str, str] | None) -> tuple[StreamPlan, dict]:
+    """(the `stream` shuffle's `StreamPlan`, `WindowReader`'s constructor arguments), arguments as
     in `preprocessed_stream`."""
     sources, siblings = stage_sources(stage, data), siblings or {}
-    items, filesystems = stream_items(sources, data, start_row, rows, siblings)
-    return items, {"preprocessor": preprocessor, "kwargs": kwargs, "columns": _read_columns(stage, columns, siblings),
+    plan, filesystems = stream_plan(sources, data, start_row, rows, siblings)
+    return plan, {"preprocessor": preprocessor, "kwargs": kwargs, "columns": _read_columns(stage, columns, siblings),
                    "seed": data.seed, "filesystems": filesystems, "batch_size": data.batch_size}
 
 
@@ -281,8 +300,8 @@ def records_per_packed_row(data: DataConfig, model: ModelConfig, siblings: dict[
 
     # No skip counter: the sample's skipped records are the stream's to count, when it reads them.
     preprocess = {"stage": 1, "data": dataclasses.replace(data, skip_counter=None), "model": model}
-    items, reader_kwargs = _window_reading(1, data, Preprocessor, preprocess, None, 0, None, siblings)
-    first = {**items[0], "part": [0, sample]}  # the window's shuffle is the same whatever the part
+    plan, reader_kwargs = _window_reading(1, data, Preprocessor, preprocess, None, 0, None, siblings)
+    first = {**next(plan.items(0, 1)), "part": [0, sample]}  # the window's shuffle is the same whatever the part
     reader = WindowReader(**reader_kwargs)
     rows = [row for table in reader(pa.Table.from_pylist([first])) for row in table.to_pylist()]
     return len(rows) / len(pack_rows(rows, data.pack_length)) if rows else 1.0

@@ -1,18 +1,22 @@
 """The `stream` shuffle's read plan and its reading: the blend, windows of shards, their parts.
 
     windows = stream_windows(sources, data)           # on the driver, from the manifests alone
-    items, filesystems = stream_items(sources, data)  # one item per task, in stream order
-    for table in read_window(pa.Table.from_pylist(items[:1]), columns, data.seed, filesystems): ...
+    plan, filesystems = stream_plan(sources, data)    # which windows the stream reads, in order
+    items = list(plan.items(0, 1))                    # one item per task, in stream order
+    for table in read_window(pa.Table.from_pylist(items), columns, data.seed, filesystems): ...
 
 `epoch_plan` and `resample` decide how many draws each record gets (every shuffle uses them);
-`stream_windows` orders the shards and cuts them into windows; `stream_items` cuts windows into
-the parts one task reads (`_parts`); `read_window` reads, resamples and shuffles one part, and
+`stream_windows` orders the shards and cuts them into windows; `stream_span` says where a
+(resumed) stream begins and how many windows it reads; `StreamPlan.items` cuts them into the
+parts one task reads (`_parts`), listed on the driver for a short stream or made by
+`generate_items` tasks for a long one; `read_window` reads, resamples and shuffles one part, and
 `WindowReader` preprocesses it in the same actor. `datastream.py` builds the Ray datasets.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
@@ -188,41 +192,89 @@ def window_starts(windows: list[list[dict]]) -> tuple[list[float], float]:
     return starts, total
 
 
-def resume_windows(windows: list[list[dict]], start_row: int, rows: int | None) -> list[int]:
-    """Window indices (into the epoch's plan, repeated epoch after epoch) of a stream that begins
-    at the first whole window at or after `start_row` rows into the stream and then holds at
-    least `rows` rows (None: to the end of that epoch). A resumed job reads on from where its
-    checkpoint left off instead of replaying the epoch's first windows; the rows between the
-    checkpoint and that window boundary are skipped, never read twice."""
+def stream_span(windows: list[list[dict]], start_row: int, rows: int | None) -> tuple[int, int]:
+    """(first, positions): a stream that begins at the first whole window at or after `start_row`
+    rows into the stream and then holds at least `rows` rows (None: to the end of that epoch)
+    reads windows (first + p) % len(windows) for p in range(positions), the epoch's plan repeated
+    epoch after epoch. A resumed job reads on from where its checkpoint left off instead of
+    replaying the epoch's first windows; the rows between the checkpoint and that window boundary
+    are skipped, never read twice."""
     starts, epoch_rows = window_starts(windows)
+    count = len(windows)
     if epoch_rows <= 0:
-        return list(range(len(windows)))
+        return 0, count
     position = float(start_row) % epoch_rows  # the plan repeats epoch after epoch
-    first = next((i for i, start in enumerate(starts) if start >= position - 1e-6), len(windows))
-    indices = list(range(first, len(windows)))
+    first = next((i for i, start in enumerate(starts) if start >= position - 1e-6), count)
+    positions = count - first  # to the end of this epoch (none when past its last window's start)
     if rows is None:
-        return indices or list(range(len(windows)))
-    held = epoch_rows - (starts[first] if first < len(windows) else epoch_rows)
-    while held < rows or not indices:
-        indices += range(len(windows))
+        return first % count, positions or count
+    held = epoch_rows - starts[first] if first < count else 0.0
+    while held < rows or not positions:
+        positions += count
         held += epoch_rows
-    return indices
+    return first % count, positions
 
 
-def stream_items(sources, data: DataConfig, start_row: int = 0, rows: int | None = None,
-                 siblings: dict[str, str] | None = None) -> tuple[list[dict], dict]:
-    """(window items of the stream in order, {source: pyarrow filesystem}): each window as one
-    item or several (`_parts`), each item's `part` its [first, last) rows of the window."""
-    import json
+@dataclass(frozen=True)
+class StreamPlan:
+    """What a `stream` shuffle reads, in order: `positions` windows from `first` on, the epoch's
+    `windows` repeated epoch after epoch, each window as one item or several (`_parts`). It holds
+    the epoch's plan once, not the stream's items: a stream as long as a paper-scale job (hundreds
+    of thousands of windows) is described by its shards, and its items are made as they are read
+    (`items`, `generate_items`)."""
 
+    windows: list[list[dict]]
+    first: int
+    positions: int
+
+    def items(self, begin: int = 0, end: int | None = None) -> Iterator[dict]:
+        """The window items of positions [begin, end): {window, shards (JSON), part}."""
+        import json
+
+        count = len(self.windows)
+        for position in range(begin, self.positions if end is None else end):
+            window = (self.first + position) % count
+            shards_json = json.dumps(self.windows[window])
+            for part in _parts(window_rows(self.windows[window]), head=position == 0):
+                yield {"window": window, "shards": shards_json, "part": part}
+
+    def item_count(self) -> int:
+        """len(list(self.items())), from one count per window of the plan."""
+        count = len(self.windows)
+        if self.positions == 0:
+            return 0
+        parts = np.array([len(_parts(window_rows(window), head=False)) for window in self.windows])
+        head = len(_parts(window_rows(self.windows[self.first % count]), head=True))
+        rest = self.positions - 1
+        following = (self.first + 1 + np.arange(rest % count)) % count
+        return head + (rest // count) * int(parts.sum()) + int(parts[following].sum())
+
+    def chunks(self, most: int) -> list[dict]:
+        """At most `most` runs of consecutive positions, {"begin", "end"}, covering the stream."""
+        size = max(1, math.ceil(self.positions / most))
+        return [{"begin": begin, "end": min(begin + size, self.positions)}
+                for begin in range(0, self.positions, size)]
+
+
+# The window items' columns, as `generate_items` makes them (part: [first, last) rows, or null).
+ITEM_SCHEMA = pa.schema([("window", pa.int64()), ("shards", pa.string()), ("part", pa.list_(pa.int64()))])
+
+
+def generate_items(batch: pa.Table, plan: StreamPlan) -> Iterator[pa.Table]:
+    """Ray Data UDF: runs of positions ({"begin", "end"}) -> their window items, one table each."""
+    for begin, end in zip(batch.column("begin").to_pylist(), batch.column("end").to_pylist()):
+        for item in plan.items(begin, end):
+            yield pa.Table.from_pylist([item], schema=ITEM_SCHEMA)
+
+
+def stream_plan(sources, data: DataConfig, start_row: int = 0, rows: int | None = None,
+                siblings: dict[str, str] | None = None) -> tuple[StreamPlan, dict]:
+    """(the stream's `StreamPlan`, {source: pyarrow filesystem}); `start_row` and `rows` as in
+    `stream_span` (both unset: one epoch)."""
     windows = stream_windows(sources, data, siblings)
-    order = resume_windows(windows, start_row, rows) if (start_row or rows) else range(len(windows))
-    items = []
-    for position, window in enumerate(order):
-        items += [{"window": window, "shards": json.dumps(windows[window]), "part": part}
-                  for part in _parts(window_rows(windows[window]), head=position == 0)]
+    first, positions = stream_span(windows, start_row, rows) if (start_row or rows) else (0, len(windows))
     filesystems = {name: storage.pyarrow_filesystem(prefix)[0] for name, prefix, _ in sources}
-    return items, filesystems
+    return StreamPlan(windows, first, positions), filesystems
 
 
 def _parts(expected_rows: float, head: bool) -> list[list | None]:

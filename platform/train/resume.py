@@ -3,7 +3,7 @@
 Ray Train calls a dataset given as a callable each time it starts the workers: at the first
 start and after every failure. `StageStream` is that callable. It reads the step of the last
 checkpoint Ray Train registered and builds the stream to begin where that step's rows end (at
-the next window boundary; `datastream.resume_windows`), so a restart neither replays the first
+the next window boundary; `windows.stream_span`), so a restart neither replays the first
 batches of the epoch nor depends on timing: the same checkpoint gives the same position.
 """
 

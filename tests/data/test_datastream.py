@@ -235,6 +235,16 @@ def _epoch(data: DataConfig, **position) -> list[tuple[str, str, int]]:
     return [(row["source"], row["key"], row["draw"]) for row in rows]
 
 
+def _operators(ds) -> str:
+    """The names of every operator of a dataset's logical plan (str(dag) names the last only)."""
+    names, pending = [], [ds._logical_plan.dag]
+    while pending:
+        op = pending.pop()
+        names.append(op.name)
+        pending += op.input_dependencies
+    return " <- ".join(names)
+
+
 def test_stream_shuffle_reorders_the_global_epoch_without_a_barrier(ray_local, many_shards):
     """`shuffle="stream"` draws exactly what the whole-epoch shuffle draws (same resampling),
     in an order fixed by the seed; its plan holds no all-to-all operator (no shuffle barrier), and
@@ -244,8 +254,8 @@ def test_stream_shuffle_reorders_the_global_epoch_without_a_barrier(ray_local, m
     assert sorted(streamed) == sorted(_epoch(_config(many_shards, samples_per_epoch=60, seed=5, shuffle="global")))
     assert streamed == _epoch(data)  # same seed, same order
     assert streamed != _epoch(_config(many_shards, samples_per_epoch=60, seed=6, shuffle_window=2))
-    plan = str(datastream.blended_records(1, data, {s: ["key"] for s in datastream.SOURCE_ORDER})._logical_plan.dag)
-    assert "Shuffle" not in plan and "Randomize" not in plan and "AllToAll" not in plan, plan
+    plan = _operators(datastream.blended_records(1, data, {s: ["key"] for s in datastream.SOURCE_ORDER}))
+    assert "FromItems" in plan and "Shuffle" not in plan and "Randomize" not in plan and "AllToAll" not in plan, plan
 
     # Windows of 2 shards; each half of the epoch holds about half of each source's draws.
     windows = datastream.stream_windows(datastream.stage_sources(1, data), data)
@@ -269,7 +279,8 @@ def test_windows_go_on_in_parts_the_first_in_growing_ones(many_shards, monkeypat
     monkeypatch.setattr(windows, "STREAM_HEAD_ROWS", 1)
     monkeypatch.setattr(windows, "STREAM_PART_ROWS", 6)
     data = _config(many_shards, samples_per_epoch=60, seed=5, shuffle_window=4)  # 3 windows of ~20 draws
-    items, filesystems = windows.stream_items(datastream.stage_sources(1, data), data, 0, None, None)
+    plan, filesystems = windows.stream_plan(datastream.stage_sources(1, data), data)
+    items = list(plan.items())
     parts = [[item["part"] for item in items if item["window"] == window] for window in (0, 1, 2)]
     assert parts[0] == [[0, 1], [1, 2], [2, 4], [4, 8], [8, 14], [14, None]]
     assert parts[1] == parts[2] == [[0, 6], [6, 12], [12, None]]
@@ -283,7 +294,7 @@ def test_windows_go_on_in_parts_the_first_in_growing_ones(many_shards, monkeypat
     assert all(len(window) > 14 for window in whole)
     assert rows(items) == whole[0] + whole[1] + whole[2]
     monkeypatch.setattr(windows, "STREAM_PART_ROWS", 8192)  # the default: small windows go whole
-    items, _ = windows.stream_items(datastream.stage_sources(1, data), data, 0, None, None)
+    items = list(windows.stream_plan(datastream.stage_sources(1, data), data)[0].items())
     assert [item["part"] for item in items] == [[0, 1], [1, 2], [2, 4], [4, 8], [8, None], None, None]
 
 
@@ -307,6 +318,30 @@ def test_a_resumed_stream_continues_at_the_next_window_boundary(ray_local, many_
     assert resumed == _epoch(data, start_row=25, rows=60)  # a position, not a timing
     # A position in a later epoch lands at the same place in that epoch.
     assert _epoch(data, start_row=60 + 25, rows=60) == resumed
+
+
+def test_a_long_stream_makes_its_window_items_in_tasks(ray_local, many_shards, tiny_cfg, monkeypatch):
+    """A stream of more than LISTED_ITEMS window items does not list them on the driver (a
+    `ray.put` each: minutes for a paper-scale job's hundreds of thousands) but makes them in
+    tasks from the epoch's plan, each item still read in a task of its own: the same rows in the
+    same order as when listed, from the start or resumed, raw or through the preprocessing actors."""
+    data = _config(many_shards, samples_per_epoch=60, seed=5, shuffle_window=2)
+    keys_only = {source: ["key"] for source in datastream.SOURCE_ORDER}
+
+    def examples(**position) -> list[tuple]:
+        rows = training_dataset(1, data, tiny_cfg, **position).take_all()
+        return [(row["source"], row["key"], row["draw"], list(row["input_ids"])) for row in rows]
+
+    listed = _epoch(data, rows=150), _epoch(data, start_row=25, rows=60), examples(rows=90)
+    plan, _ = datastream.stream_plan(datastream.stage_sources(1, data), data, 0, 150)
+    assert plan.item_count() == len(list(plan.items())) > 8  # the head's parts and 2.5 epochs of windows
+    assert "generate_items" not in _operators(datastream.blended_records(1, data, keys_only, rows=150))
+
+    monkeypatch.setattr(datastream, "LISTED_ITEMS", 8)
+    monkeypatch.setattr(datastream, "ITEM_TASKS", 3)
+    dag = _operators(datastream.blended_records(1, data, keys_only, rows=150))
+    assert "MapBatches(generate_items)" in dag and "StreamingRepartition" in dag, dag
+    assert (_epoch(data, rows=150), _epoch(data, start_row=25, rows=60), examples(rows=90)) == listed
 
 
 def test_stream_window_must_be_positive(sample_shards):
