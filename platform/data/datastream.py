@@ -282,7 +282,7 @@ def _window_reading(stage: int, data: DataConfig, preprocessor: Callable, kwargs
     sources, siblings = stage_sources(stage, data), siblings or {}
     plan, filesystems = stream_plan(sources, data, start_row, rows, siblings)
     return plan, {"preprocessor": preprocessor, "kwargs": kwargs, "columns": _read_columns(stage, columns, siblings),
-                   "seed": data.seed, "filesystems": filesystems, "batch_size": data.batch_size}
+                  "seed": data.seed, "filesystems": filesystems, "batch_size": data.batch_size}
 
 
 def records_per_packed_row(data: DataConfig, model: ModelConfig, siblings: dict[str, str] | None = None,
