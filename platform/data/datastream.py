@@ -217,9 +217,9 @@ def _over_windows(plan: StreamPlan, data: DataConfig, fn: Callable, **map_args):
     """The stream's window items as a dataset mapped by `fn`, one item per call."""
     import ray
 
-    items = plan.item_count()
-    if items <= LISTED_ITEMS:
-        ds = ray.data.from_items(list(plan.items()), override_num_blocks=items)
+    item_count = plan.item_count()
+    if item_count <= LISTED_ITEMS:
+        ds = ray.data.from_items(list(plan.items()), override_num_blocks=item_count)
     else:
         chunks = plan.chunks(ITEM_TASKS)
         # Each task makes its run's items as the stream reaches them (Ray Data holds a generator

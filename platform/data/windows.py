@@ -270,9 +270,9 @@ def generate_items(batch: pa.Table, plan: StreamPlan) -> Iterator[pa.Table]:
 def stream_plan(sources, data: DataConfig, start_row: int = 0, rows: int | None = None,
                 siblings: dict[str, str] | None = None) -> tuple[StreamPlan, dict]:
     """(the stream's `StreamPlan`, {source: pyarrow filesystem}); `start_row` and `rows` as in
-    `stream_span` (both unset: one epoch)."""
+    `stream_span` (both unset: one epoch, from its first window)."""
     windows = stream_windows(sources, data, siblings)
-    first, positions = stream_span(windows, start_row, rows) if (start_row or rows) else (0, len(windows))
+    first, positions = stream_span(windows, start_row, rows)
     filesystems = {name: storage.pyarrow_filesystem(prefix)[0] for name, prefix, _ in sources}
     return StreamPlan(windows, first, positions), filesystems
 
