@@ -138,7 +138,6 @@ def summarize(runs: list[dict]) -> dict:
 def run_all(args) -> dict:
     """Deploy (a) and (b) side by side, then measure a, b, c interleaved, `repeats` rounds,
     so that load from anything else on the machine hits all three alike."""
-    import ray
     from ray import serve
 
     from kosmos_g.platform.stack import cluster
@@ -168,7 +167,7 @@ def run_all(args) -> dict:
             results[name]["denoiser"] = batch_stats(url)
     finally:
         serve.shutdown()
-        ray.shutdown()
+        cluster.shutdown()
     return results
 
 

@@ -102,9 +102,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(config, overrides: dict, detach: bool, owns_ray: bool) -> int:
-    import ray
     from ray import serve
 
+    from kosmos_g.platform.stack import cluster
     from kosmos_g.serve.app import build_app
     from kosmos_g.serve.model_source import ModelNotFound
 
@@ -134,5 +134,5 @@ def _serve(config, overrides: dict, detach: bool, owns_ray: bool) -> int:
         serve.delete(config.app_name)
         if owns_ray:
             serve.shutdown()
-            ray.shutdown()
+            cluster.shutdown()
     return 0

@@ -89,7 +89,7 @@ def ray_local(stack_env):
     os.environ.pop("RAY_ADDRESS", None)
     cluster.connect(num_cpus=4)
     yield ray
-    ray.shutdown()
+    cluster.shutdown()  # ray.shutdown(), then whatever of this Ray outlived it
 
 
 @pytest.fixture

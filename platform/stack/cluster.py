@@ -5,13 +5,18 @@ sized to this machine.
 wants and what `kosmos-g local env` exports); `ray.init` needs the GCS address,
 so that case maps to the cluster on this machine. `KOSMOS_RAY_GCS_ADDRESS` (set by the local
 stack for its shells and jobs) wins over both. Inside a Ray job, Ray itself sets `RAY_ADDRESS`.
+
+`shutdown` (also run at exit for a local Ray) stops what outlives `ray.shutdown()` of a Ray
+this process started.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 
-from kosmos_g.platform.stack.services import STACK_ID_VAR
+from kosmos_g.platform.stack.services import STACK_ID_VAR, processes_with_env, stop_processes
 
 # Environment a job's workers need to reach storage and tracking; passed in
 # runtime_env so it also holds on clusters whose nodes were started without it.
@@ -74,4 +79,43 @@ def connect(num_cpus: int | None = None, **init_kwargs):
     elif address != os.environ.get("RAY_ADDRESS"):
         # ray.init would otherwise also read the dashboard URL from the environment.
         os.environ["RAY_ADDRESS"] = address
-    return ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **init_kwargs)
+    context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **init_kwargs)
+    if address == "local":
+        _started_raylets[:] = _raylet_pids()
+        # Registered after Ray's own exit hook, so it runs first and shuts Ray down itself.
+        atexit.register(shutdown)
+    return context
+
+
+# The raylets of the local Ray this process started (none when it joined a cluster).
+_started_raylets: list[int] = []
+
+
+def _raylet_pids() -> list[int]:
+    from ray._private import ray_constants, worker
+
+    node = worker._global_node
+    processes = node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, []) if node is not None else []
+    return [info.process.pid for info in processes]
+
+
+def shutdown(grace: float = 5) -> int:
+    """`ray.shutdown()`, then stop the processes of a local Ray this process started that
+    outlived it; returns how many (none after joining a cluster).
+
+    `ray.shutdown()` stops the raylet, and the raylet stops the workers it still tracks. A worker
+    that has already left it but not exited lives on, reparented to init: seen with Ray 2.60, a
+    killed Train controller deadlocked in its own exit (`~CoreWorkerProcessImpl` waiting on its
+    asio scheduler), and so is a process a worker started in the background. Every process a
+    raylet starts, and what they start, carries the raylet's pid in `RAY_RAYLET_PID`."""
+    import ray
+
+    atexit.unregister(shutdown)
+    ray.shutdown()
+    raylets, _started_raylets[:] = list(_started_raylets), []
+    leftovers = [process.pid for raylet in raylets for process in processes_with_env("RAY_RAYLET_PID", str(raylet))]
+    if not leftovers:
+        return 0
+    print(f"stopping {len(leftovers)} process(es) of the local Ray that outlived ray.shutdown(): {leftovers}",
+          file=sys.stderr, flush=True)
+    return stop_processes(leftovers, None, grace)

@@ -348,16 +348,21 @@ def ray_ready(settings: RaySettings) -> bool:
 # ------------------------------------------------------------------- stopping
 
 
-def tagged_processes(stack_id: str) -> list[psutil.Process]:
-    """Processes whose environment carries this stack's id."""
+def processes_with_env(name: str, value: str) -> list[psutil.Process]:
+    """Processes (other than this one) whose environment sets `name` to `value`."""
     found = []
     for process in psutil.process_iter():
         try:
-            if process.pid != os.getpid() and process.environ().get(STACK_ID_VAR) == stack_id:
+            if process.pid != os.getpid() and process.environ().get(name) == value:
                 found.append(process)
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
     return found
+
+
+def tagged_processes(stack_id: str) -> list[psutil.Process]:
+    """Processes whose environment carries this stack's id."""
+    return processes_with_env(STACK_ID_VAR, stack_id)
 
 
 def processes_matching(pattern: str) -> list[psutil.Process]:
