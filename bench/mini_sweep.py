@@ -53,6 +53,9 @@ RECIPES = {
     "eps": dict(prediction_type="epsilon", zero_terminal_snr=False, pooled_text=False),
     "v_zero": dict(prediction_type="v_prediction", zero_terminal_snr=True, pooled_text=False),
     "v_zero_pooled": dict(prediction_type="v_prediction", zero_terminal_snr=True, pooled_text=True),
+    # The mini preset's U-Net with 4 cross-attention heads of 32 channels instead of 32 of 4.
+    "v_zero_pooled_4heads": dict(prediction_type="v_prediction", zero_terminal_snr=True, pooled_text=True,
+                                 unet_heads=4),
     "v_zero_attn": dict(prediction_type="v_prediction", zero_terminal_snr=True, pooled_text=False,
                         full_resolution_attention=True),
     "v_zero_pooled_attn": dict(prediction_type="v_prediction", zero_terminal_snr=True, pooled_text=True,

@@ -46,6 +46,9 @@ class MiniDecoderConfig:
     # either way (1.7 s at batch 32, 2 threads, 2026-12-05); whether 4-channel heads bind colours to
     # places worse is not measured (a decoder retrain).
     unet_head_dim: int = 32
+    # Above 0: the cross-attention's head count, given to diffusers as such (4: heads of 32 channels
+    # at the 128-wide level); 0 keeps `unet_head_dim` as it has always been read.
+    unet_heads: int = 0
     prediction_type: str = "v_prediction"
     zero_terminal_snr: bool = True  # the last timestep is pure noise: no mean-colour leak
     pooled_text: bool = True  # diffusers "text" addition embedding: pooled condition + time
@@ -61,7 +64,7 @@ class MiniDecoderConfig:
     def inert_fields(self) -> list[str]:
         """Left out of job fingerprints at their defaults, so decoders registered before these
         options existed keep theirs."""
-        defaults = {"full_resolution_attention": False, "unet_ema_decay": 0.0}
+        defaults = {"full_resolution_attention": False, "unet_ema_decay": 0.0, "unet_heads": 0}
         return [name for name, default in defaults.items() if getattr(self, name) == default]
 
     @property
@@ -122,7 +125,7 @@ def build_unet(cfg: MiniDecoderConfig, condition_dim: int):
         down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * (levels - plain),
         up_block_types=("CrossAttnUpBlock2D",) * (levels - plain) + ("UpBlock2D",) * plain,
         block_out_channels=tuple(cfg.unet_channels), layers_per_block=1, norm_num_groups=32,
-        cross_attention_dim=condition_dim, attention_head_dim=cfg.unet_head_dim, **extra,
+        cross_attention_dim=condition_dim, attention_head_dim=cfg.unet_heads or cfg.unet_head_dim, **extra,
     )
 
 

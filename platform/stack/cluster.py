@@ -106,7 +106,7 @@ def shutdown(grace: float = 5) -> int:
     `ray.shutdown()` stops the raylet, and the raylet stops the workers it still tracks. A worker
     that has already left it but not exited lives on, reparented to init: seen with Ray 2.60, a
     killed Train controller deadlocked in its own exit (`~CoreWorkerProcessImpl` waiting on its
-    asio scheduler), and so is a process a worker started in the background. Every process a
+    asio scheduler), and so does a process a worker started in the background. Every process a
     raylet starts, and what they start, carries the raylet's pid in `RAY_RAYLET_PID`."""
     import ray
 

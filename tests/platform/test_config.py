@@ -113,6 +113,27 @@ def test_mini_decoder_attention_option_keeps_registered_fingerprints():
     assert unet.config.up_block_types == ("CrossAttnUpBlock2D",) * 2
 
 
+def test_mini_decoder_head_count_option_keeps_registered_fingerprints():
+    """diffusers reads `attention_head_dim` as a head count: the mini U-Net as registered has
+    `unet_head_dim` heads of width/`unet_head_dim` channels. `unet_heads` (added later) sets the
+    count itself; at its default it stays out of the fingerprint."""
+    from kosmos_g.models.mini import build_unet
+    from kosmos_g.platform.config import fingerprint, inert_fields
+    from kosmos_g.platform.train.backbone_job import backbone_presets
+
+    def attention_heads(unet) -> tuple[int, int]:
+        attention = unet.down_blocks[-1].attentions[0].transformer_blocks[0].attn2
+        return attention.heads, attention.inner_dim // attention.heads
+
+    cfg = backbone_presets("decoder").get("tiny")  # U-Net widths (32, 64), unet_head_dim 16
+    assert "decoder.unet_heads" in inert_fields(cfg)
+    before = fingerprint(cfg)
+    assert attention_heads(build_unet(cfg.decoder, 16)) == (16, 4)
+    cfg.decoder.unet_heads = 2
+    assert fingerprint(cfg) != before and "decoder.unet_heads" not in inert_fields(cfg)
+    assert attention_heads(build_unet(cfg.decoder, 16)) == (2, 32)
+
+
 def test_learning_rate_schedules():
     """Warm-up, then linear decay to 0 (the stages, appendix A) or the peak to the end
     (`optim.schedule=constant`); the linear default stays out of fingerprints, and an unknown
