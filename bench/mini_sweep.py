@@ -28,6 +28,9 @@ chance is 1/8 for colours and 1/4 for shapes.
     .venv/bin/python bench/mini_sweep.py --clip DIR/text_encoder --ema [--unet-schedule decay] --recipes v_zero_pooled
         # each U-Net scored twice, its last weights and their moving average (the same run: a paired
         # comparison); --unet-schedule decay trains it with the decoder job's schedule
+    .venv/bin/python bench/mini_sweep.py --unet-steps 2000 --unet-schedule decay --cases 100 \
+        --recipes v_zero_pooled,v_zero_pooled_4heads,v_zero_pooled_4heads_attn
+        # U-Net attention layouts; each also scored on the evaluation's cases in words, two subjects included
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ RECIPES = {
     # The mini preset's U-Net with 4 cross-attention heads of 32 channels instead of 32 of 4.
     "v_zero_pooled_4heads": dict(prediction_type="v_prediction", zero_terminal_snr=True, pooled_text=True,
                                  unet_heads=4),
+    # ... and cross-attention at the 16 x 16 level too.
+    "v_zero_pooled_4heads_attn": dict(prediction_type="v_prediction", zero_terminal_snr=True, pooled_text=True,
+                                      unet_heads=4, full_resolution_attention=True),
     "v_zero_attn": dict(prediction_type="v_prediction", zero_terminal_snr=True, pooled_text=False,
                         full_resolution_attention=True),
     "v_zero_pooled_attn": dict(prediction_type="v_prediction", zero_terminal_snr=True, pooled_text=True,
@@ -293,6 +299,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--eval-prompts", type=int, default=64)
+    parser.add_argument("--cases", type=int, default=0, metavar="N",
+                        help="also score each recipe on N of the world evaluation's one-subject cases and N/2 of its "
+                             "two-subject cases, in words (split 'cases'): two objects' colours kept apart")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="bench/results/mini_sweep.json")
     parser.add_argument("--score-decoder", metavar="URI", help="only score this registered/local decoder")
@@ -441,12 +450,15 @@ def sweep(args) -> dict:
                                          "train": score_on(decoder, args.eval_prompts, "train", layer=args.text_layer),
                                          "held_out": score_on(decoder, args.eval_prompts, "held_out",
                                                               layer=args.text_layer)}
+            if args.cases:
+                results["recipes"][label]["cases"] = score_on(decoder, args.cases, "cases", layer=args.text_layer)
             print(f"[unet {label}] {results['recipes'][label]}", flush=True)
     print("\nrecipe              training pairs: colour shape background | held-out pairs: colour shape background")
     for name, row in results["recipes"].items():
         cells = " | ".join(" ".join(f"{row[split][k]:6.2f}" for k in ("colour", "shape", "background"))
                            for split in ("train", "held_out"))
-        print(f"{name:18s}  {cells}")
+        pair = row.get("cases", {}).get("world_pair_both_colours")
+        print(f"{name:18s}  {cells}" + ("" if pair is None else f" | two subjects in words: both colours {pair:.2f}"))
     print("chance                               0.125 0.25 0.125")
     return results
 

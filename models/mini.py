@@ -42,9 +42,9 @@ class MiniDecoderConfig:
     # Handed to diffusers as `attention_head_dim`, which UNet2DConditionModel reads as the number
     # of heads (SD v1.5's config says 8 and means 8 heads): 32 heads of 4 channels at the 128-wide
     # level, not heads of 32 as the name says. Every mini decoder measured so far has it so; the
-    # pooled-text embedding below divides by it as a head width (4 heads of 32). Same step time
-    # either way (1.7 s at batch 32, 2 threads, 2026-12-05); whether 4-channel heads bind colours to
-    # places worse is not measured (a decoder retrain).
+    # pooled-text embedding below divides by it as a head width (4 heads of 32). Heads of 32
+    # (`unet_heads=4`) did not draw two subjects' colours better after 2,000 steps (0.17 against
+    # 0.22 in words; docs/REPRODUCTION.md, 2026-12-05), so the preset keeps these.
     unet_head_dim: int = 32
     # Above 0: the cross-attention's head count, given to diffusers as such (4: heads of 32 channels
     # at the 128-wide level); 0 keeps `unet_head_dim` as it has always been read.
