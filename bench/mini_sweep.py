@@ -31,6 +31,8 @@ chance is 1/8 for colours and 1/4 for shapes.
     .venv/bin/python bench/mini_sweep.py --unet-steps 2000 --unet-schedule decay --cases 100 \
         --recipes v_zero_pooled,v_zero_pooled_4heads,v_zero_pooled_4heads_attn
         # U-Net attention layouts; each also scored on the evaluation's cases in words, two subjects included
+    .venv/bin/python bench/mini_sweep.py --unet-steps 2000 --unet-schedule decay --cases 100 --pair-share 0.67
+        # each U-Net example a two-object scene with probability 0.67 (38% when drawn uniformly)
 """
 
 from __future__ import annotations
@@ -297,6 +299,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--unet-steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--pair-share", type=float, default=0.0, metavar="P",
+                        help="each U-Net example is a two-object scene with probability P (0: uniform over the "
+                             "scenes, of which 38%% have two objects); the CLIP and VAE see the scenes as they come")
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--eval-prompts", type=int, default=64)
     parser.add_argument("--cases", type=int, default=0, metavar="N",
@@ -395,6 +400,8 @@ def sweep(args) -> dict:
     torch.manual_seed(args.seed)
     decoder_base = MiniDecoderConfig()
     pixels, captions = scene_tensors(args.scenes, 0, decoder_base.image_size)
+    is_pair = np.array([" and " in caption for caption in captions])  # two-object scenes (38% of them)
+    pair_rows, single_rows = np.flatnonzero(is_pair), np.flatnonzero(~is_pair)
     text, clip_final = text_encoder(args, pixels, captions)
     hidden = encode_captions(text, captions + [""], layer=args.text_layer)
     condition_all, empty = hidden[:-1], hidden[-1:]
@@ -414,13 +421,22 @@ def sweep(args) -> dict:
         reconstructed = vae.decode(latents_all[:256]).sample.clamp(-1, 1)
     prompts_rec = [(s.objects[0].colour, s.objects[0].shape, s.background) for s in world.scenes(0, 256, "train")]
     results = {"clip": args.clip or f"trained here ({args.clip_steps} steps, {args.clip_schedule} lr)",
-               "seed": args.seed, "unet_schedule": args.unet_schedule, "text_layer": args.text_layer,
+               "seed": args.seed, "pair_share": args.pair_share or float(is_pair.mean()),
+               "unet_schedule": args.unet_schedule, "text_layer": args.text_layer,
                "clip_loss": clip_final, "vae_loss": vae_final,
                "vae_scaling_factor": scale, "vae_reconstruction": score(reconstructed, prompts_rec), "recipes": {}}
     print(f"[vae] reconstructions read back: {results['vae_reconstruction']}", flush=True)
 
+    def unet_indices(batch: int) -> torch.Tensor:
+        """Uniform over the scenes, or with --pair-share each example a two-object scene with that probability."""
+        if not args.pair_share:
+            return indices(batch)
+        take_pair = rng.random(batch) < args.pair_share
+        return torch.from_numpy(np.where(take_pair, pair_rows[rng.integers(0, len(pair_rows), batch)],
+                                         single_rows[rng.integers(0, len(single_rows), batch)]))
+
     def unet_batch(_):
-        i = indices(args.batch)
+        i = unet_indices(args.batch)
         return latents_all[i] * scale, condition_all[i]
 
     for name in args.recipes.split(","):
@@ -457,8 +473,9 @@ def sweep(args) -> dict:
     for name, row in results["recipes"].items():
         cells = " | ".join(" ".join(f"{row[split][k]:6.2f}" for k in ("colour", "shape", "background"))
                            for split in ("train", "held_out"))
-        pair = row.get("cases", {}).get("world_pair_both_colours")
-        print(f"{name:18s}  {cells}" + ("" if pair is None else f" | two subjects in words: both colours {pair:.2f}"))
+        pair, apart = (row.get("cases", {}).get(f"world_pair_{k}") for k in ("both_colours", "both_apart"))
+        pairs = "" if pair is None else f" | two subjects in words: both colours {pair:.2f}"
+        print(f"{name:18s}  {cells}{pairs}" + ("" if apart is None else f" (apart {apart:.2f})"))
     print("chance                               0.125 0.25 0.125")
     return results
 
