@@ -251,13 +251,15 @@ def table(results: dict[str, dict], ceiling: tuple[str, dict] | None = None) -> 
 
         images = metrics.get(f"world_{kind}_images", 0) + (metrics.get("world_pair_images", 0) if with_pairs else 0)
         values = [value(f"world_{kind}_colour"), value(f"world_{kind}_shape"), value(f"world_{kind}_background"),
-                  value(f"world_{kind}_subject_background"), value("world_pair_both_colours"), value("world_pair_background"),
+                  value(f"world_{kind}_subject_background"), value("world_pair_both_colours"),
+                  value("world_pair_both_apart"), value("world_pair_background"),
                   value(f"world_{kind}_clip_i", True), value(f"world_{kind}_clip_t", True)]
         return f"{images:.0f} | " + " | ".join(values)
 
     rows = ["| model | images | colour | shape | background | colour of the subject image's background "
-            "| two subjects: both colours | two subjects: background | CLIP-I | CLIP-T |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| two subjects: both colours | two subjects: both colours, on objects apart | two subjects: background "
+            "| CLIP-I | CLIP-T |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, metrics in results.items():
         rows.append(f"| {label} | {cells(metrics, 'single', True)} |")
         if label == "full":
@@ -265,7 +267,7 @@ def table(results: dict[str, dict], ceiling: tuple[str, dict] | None = None) -> 
     if ceiling:
         rows.append(f"| mini decoder told in words (`a red star on a purple background`; ceiling) "
                     f"| {cells(ceiling[1], 'single', True)} |")
-    rows.append("| chance | | 0.125 | 0.25 | 0.125 | 0.125 | | | | |")
+    rows.append("| chance | | 0.125 | 0.25 | 0.125 | 0.125 | | | | | |")
     return rows
 
 

@@ -2,8 +2,9 @@
 colour and shape. Exact on rendered scenes at 64 and 32 px; meant for generated images too.
 
 Every pixel is assigned its nearest palette colour; the background is the most common colour on
-the border; objects are the connected regions of other colours (small specks ignored); an
-object's colour is its region's majority colour and its shape follows from how much of its
+the border; objects are the connected regions of other colours (small specks ignored), a region
+where objects touch split into one object per one-colour part (`_split_touching`);
+an object's colour is its region's majority colour and its shape follows from how much of its
 bounding box it fills (square ~1, circle ~0.79, star ~0.35) and, for a triangle (whose fill
 meets a star's or a circle's once downsampled), from its rows: a base spanning the box below a
 narrow apex; a circle is symmetric and a star stands on two points.
@@ -22,6 +23,10 @@ from kosmos_g.platform.data.world import COLOURS, PALETTE
 PALETTE_RGB = np.array([PALETTE[c] for c in COLOURS], dtype=np.float32)
 SQUARE_FILL, CIRCLE_FILL = 0.92, 0.60  # fill ratios of the bounding box: squares, circles
 TRIANGLE_BASE = 0.6  # share of the bottom rows a triangle's base covers (a star's feet: less)
+# A one-colour part of a region counts as an object of its own when something of it is left after
+# this many erosions: nothing of a band up to 4 px wide is (blending leaves such bands along edges:
+# yellow on red reads orange), something of a 10 px object (the world's smallest at 32 px) is.
+CORE_EROSIONS = 2
 
 
 @dataclass(frozen=True)
@@ -56,13 +61,45 @@ def shape_of(region: np.ndarray) -> str:
     return "circle" if fill >= CIRCLE_FILL else "star"
 
 
-def read_regions(image, min_area: float = 0.015) -> tuple[str, list[tuple[ReadObject, np.ndarray]]]:
-    """(background colour, [(object, full-image bool mask)] left to right)."""
+def _split_touching(regions: np.ndarray, count: int, labels: np.ndarray, min_pixels: float) -> tuple[np.ndarray, int]:
+    """Relabel `regions` so that a region holding two or more one-colour parts with a core of
+    their own (objects of different colours drawn touching: the world keeps a gap between them,
+    a generated image need not) becomes one region per part, every pixel of it going to the
+    nearest part. Regions with one such part, every region of a rendered scene, stay whole."""
+    out, next_label = regions.copy(), count + 1
+    for index, box in enumerate(ndimage.find_objects(regions), start=1):
+        region = regions[box] == index
+        parts = np.zeros(region.shape, np.int32)
+        found = 0
+        for colour in np.unique(labels[box][region]):
+            pieces, n = ndimage.label(region & (labels[box] == colour))
+            for piece in range(1, n + 1):
+                mask = pieces == piece
+                if mask.sum() >= min_pixels and ndimage.binary_erosion(mask, iterations=CORE_EROSIONS).any():
+                    found += 1
+                    parts[mask] = found
+        if found < 2:
+            continue
+        # Each pixel of the region (blended edges included) to its nearest part.
+        _, (rows, cols) = ndimage.distance_transform_edt(parts == 0, return_indices=True)
+        nearest = parts[rows, cols]
+        window = out[box]
+        window[region] = np.where(nearest[region] == 1, index, nearest[region] + next_label - 2)
+        next_label += found - 1
+    return out, next_label - 1
+
+
+def read_regions(image, min_area: float = 0.015,
+                 split_touching: bool = True) -> tuple[str, list[tuple[ReadObject, np.ndarray]]]:
+    """(background colour, [(object, full-image bool mask)] left to right); `split_touching`
+    False reads touching objects as one (the scorer before 2026-12-05)."""
     labels = palette_labels(image)
     height, width = labels.shape
     border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
     background = int(np.bincount(border, minlength=len(COLOURS)).argmax())
     regions, count = ndimage.label(labels != background)
+    if split_touching:
+        regions, count = _split_touching(regions, count, labels, min_area * height * width)
     objects = []
     for index, box in enumerate(ndimage.find_objects(regions), start=1):
         region = regions[box] == index
@@ -79,6 +116,6 @@ def read_regions(image, min_area: float = 0.015) -> tuple[str, list[tuple[ReadOb
     return COLOURS[background], [(obj, mask) for _, obj, mask in objects]
 
 
-def read_scene(image, min_area: float = 0.015) -> Reading:
-    background, objects = read_regions(image, min_area)
+def read_scene(image, min_area: float = 0.015, split_touching: bool = True) -> Reading:
+    background, objects = read_regions(image, min_area, split_touching)
     return Reading(background, tuple(obj for obj, _ in objects))

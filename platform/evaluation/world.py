@@ -7,8 +7,10 @@ Cases, all on the background a subject's colour never appears on in training
 - `single`: `a <image> on a <b> background`, the subject (one object) shown on a third colour;
   scored by the generated largest object's colour and shape, and the background.
 - `pair`: `a <image> and a <image> on a <b> background`, `b` held out for the first subject;
-  scored by whether both subjects' colours are present, and the background; how it fails: with
-  fewer than two objects drawn (`two_drawn` 0), or with one subject's colour on both (`copied_colour`).
+  scored by whether both subjects' colours are present (objects drawn touching read as one object
+  per colour; `both_apart`: present on objects apart, as the scorer read them before 2026-12-05),
+  and the background; how it fails: with fewer than two objects drawn (`two_drawn` 0), or with
+  one subject's colour on both (`copied_colour`).
 - `text`: the text-only baseline `an object on a <b> background` for every single case, scored
   against the subject it never saw (identity should sit near chance: 1/8 colours, 1/4 shapes).
 
@@ -33,7 +35,8 @@ from kosmos_g.platform.data.world_scorer import read_scene
 
 KINDS = ("single", "pair", "text")
 # What `score` reads from one image (a kind has a subset), in the order the scores table lists them.
-HITS = ("colour", "shape", "both_colours", "two_drawn", "copied_colour", "background", "subject_background")
+HITS = ("colour", "shape", "both_colours", "both_apart", "two_drawn", "copied_colour", "background",
+        "subject_background")
 CHANCE = {"colour": 1 / len(world.COLOURS), "shape": 1 / len(world.SHAPES)}
 
 
@@ -143,6 +146,8 @@ def score(case: WorldCase, image: Image.Image) -> dict[str, float]:
     if case.kind == "pair":
         present = {o.colour for o in reading.objects}
         hits["both_colours"] = float(all(s.colour in present for s in case.subjects))
+        apart = {o.colour for o in read_scene(image, split_touching=False).objects}
+        hits["both_apart"] = float(all(s.colour in apart for s in case.subjects))
         hits["colour"] = float(case.subjects[0].colour in present)
         # The two ways a pair fails: one object drawn, or two drawn with one subject's colour on
         # both (the other's lost: attributes leaking between subjects, not a wrong identity).

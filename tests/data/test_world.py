@@ -50,6 +50,21 @@ def test_scorer_is_exact_on_rendered_scenes(size):
             (o.colour, o.shape) for o in scene.objects), scene
 
 
+@pytest.mark.parametrize("size", [64, 32])
+def test_scorer_splits_objects_drawn_touching(size):
+    """The world keeps a gap between objects; a generated image need not. Objects of two colours
+    that touch are read as one object per colour (the reading before 2026-12-05 on request)."""
+    for left, right in (("red", "yellow"), ("white", "purple"), ("black", "blue")):
+        scene = world.Scene("green", (world.WorldObject(left, "square", (6, 14, 32, 40)),
+                                      world.WorldObject(right, "circle", (32, 12, 60, 40))))
+        reading = read_scene(scene.render(size))
+        assert [o.colour for o in reading.objects] == [left, right], reading
+        if size == 64:
+            assert [o.shape for o in reading.objects] == ["square", "circle"], reading
+        merged = read_scene(scene.render(size), split_touching=False)
+        assert len(merged.objects) == 1
+
+
 def test_scorer_on_a_blank_image():
     blank = read_scene(np.full((32, 32, 3), world.PALETTE["green"], np.uint8))
     assert blank.background == "green" and blank.objects == ()

@@ -73,6 +73,12 @@ def test_scorer_is_exact_on_rendered_answers_and_misses():
             first, second = case.subjects
             copied = world_eval.score(case, _answer(case, [second.colour, second.colour]))
             assert (copied["both_colours"], copied["two_drawn"], copied["copied_colour"]) == (0.0, 1.0, 1.0)
+            # Drawn touching (a generated image need not keep the world's gap): both colours are
+            # there, though not on objects apart.
+            touching = world.Scene(case.background, (world.WorldObject(first.colour, "square", (6, 16, 32, 42)),
+                                                     world.WorldObject(second.colour, "square", (32, 18, 56, 42))))
+            met = world_eval.score(case, touching.render(32))
+            assert (met["both_colours"], met["both_apart"], met["two_drawn"]) == (1.0, 0.0, 1.0)
             alone = world.Scene(case.background, (world.WorldObject(first.colour, first.shape, (16, 16, 48, 48)),))
             one = world_eval.score(case, alone.render(32))
             assert (one["colour"], one["both_colours"], one["two_drawn"], one["copied_colour"]) == (1.0, 0.0, 0.0, 0.0)
