@@ -61,12 +61,12 @@ def shape_of(region: np.ndarray) -> str:
     return "circle" if fill >= CIRCLE_FILL else "star"
 
 
-def _split_touching(regions: np.ndarray, count: int, labels: np.ndarray, min_pixels: float) -> tuple[np.ndarray, int]:
+def _split_touching(regions: np.ndarray, labels: np.ndarray, min_pixels: float) -> np.ndarray:
     """Relabel `regions` so that a region holding two or more one-colour parts with a core of
     their own (objects of different colours drawn touching: the world keeps a gap between them,
     a generated image need not) becomes one region per part, every pixel of it going to the
     nearest part. Regions with one such part, every region of a rendered scene, stay whole."""
-    out, next_label = regions.copy(), count + 1
+    out, next_label = regions.copy(), int(regions.max()) + 1
     for index, box in enumerate(ndimage.find_objects(regions), start=1):
         region = regions[box] == index
         parts = np.zeros(region.shape, np.int32)
@@ -86,7 +86,7 @@ def _split_touching(regions: np.ndarray, count: int, labels: np.ndarray, min_pix
         window = out[box]
         window[region] = np.where(nearest[region] == 1, index, nearest[region] + next_label - 2)
         next_label += found - 1
-    return out, next_label - 1
+    return out
 
 
 def read_regions(image, min_area: float = 0.015,
@@ -97,9 +97,9 @@ def read_regions(image, min_area: float = 0.015,
     height, width = labels.shape
     border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
     background = int(np.bincount(border, minlength=len(COLOURS)).argmax())
-    regions, count = ndimage.label(labels != background)
+    regions, _ = ndimage.label(labels != background)
     if split_touching:
-        regions, count = _split_touching(regions, count, labels, min_area * height * width)
+        regions = _split_touching(regions, labels, min_area * height * width)
     objects = []
     for index, box in enumerate(ndimage.find_objects(regions), start=1):
         region = regions[box] == index

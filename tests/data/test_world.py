@@ -53,7 +53,8 @@ def test_scorer_is_exact_on_rendered_scenes(size):
 @pytest.mark.parametrize("size", [64, 32])
 def test_scorer_splits_objects_drawn_touching(size):
     """The world keeps a gap between objects; a generated image need not. Objects of two colours
-    that touch are read as one object per colour (the reading before 2026-12-05 on request)."""
+    that touch are read as one object per colour; `split_touching=False` (the reading before
+    2026-12-05) reads them as one."""
     for left, right in (("red", "yellow"), ("white", "purple"), ("black", "blue")):
         scene = world.Scene("green", (world.WorldObject(left, "square", (6, 14, 32, 40)),
                                       world.WorldObject(right, "circle", (32, 12, 60, 40))))
