@@ -28,6 +28,9 @@ from kosmos_g.platform.train.task import Task
 
 STATE_FILE = "trainer_state.json"
 BUNDLE_DIR = "bundle"  # the finished model's files, added by rank 0 to the final checkpoint
+# Rank 0's fixed `eval_loss` batch, saved with every checkpoint: a resumed run's stream starts
+# elsewhere, and its first batch would put the curve on another batch's loss from then on.
+EVAL_BATCH_FILE = "eval_batch.pt"
 
 
 def say(message: str) -> None:
@@ -174,7 +177,8 @@ class FirstBatchEarly:
 # ------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(engine, step: int, metrics: dict[str, float], rank: int, task: Task, final: bool) -> None:
+def save_checkpoint(engine, step: int, metrics: dict[str, float], rank: int, task: Task, final: bool,
+                    eval_batch: dict[str, Any] | None = None) -> None:
     """Every rank writes its DeepSpeed shard into its own directory and reports it;
     Ray Train merges them into one checkpoint and registers it only when all
     uploads finished, so a checkpoint is never half-written."""
@@ -184,22 +188,27 @@ def save_checkpoint(engine, step: int, metrics: dict[str, float], rank: int, tas
         engine.save_checkpoint(directory, tag=f"step_{step}", client_state={"step": step})
         if rank == 0:
             Path(directory, STATE_FILE).write_text(json.dumps({"step": step, "tag": f"step_{step}"}))
+            if eval_batch is not None:
+                torch.save(to_device(eval_batch, torch.device("cpu")), Path(directory, EVAL_BATCH_FILE))
             if final:
                 task.save_bundle(engine.module, Path(directory) / BUNDLE_DIR)
         ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def restore_checkpoint(engine) -> int:
-    """Load the latest reported checkpoint if any; returns the step to resume at."""
+def restore_checkpoint(engine, rank: int) -> tuple[int, dict[str, Any] | None]:
+    """Load the latest reported checkpoint if any; returns the step to resume at and, on rank 0,
+    the `eval_loss` batch saved with it (None without a checkpoint, or one saved before it was kept)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return 0, None
     with private_copy(checkpoint) as directory:
         state = json.loads(Path(directory, STATE_FILE).read_text())
         engine.load_checkpoint(directory, tag=state["tag"])
-    return int(state["step"])
+        saved_batch = Path(directory, EVAL_BATCH_FILE)
+        eval_batch = torch.load(saved_batch, weights_only=False) if rank == 0 and saved_batch.exists() else None
+    return int(state["step"]), eval_batch
 
 
 @contextlib.contextmanager
@@ -291,21 +300,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     stream = FirstBatchEarly(batches(ray.train.get_dataset_shard("train"), cfg, loop_config["collate"], rank))
     model = task.build(cfg, loop_config.get("init_uri"), device)
     engine = make_engine(model, cfg, on_gpu, world_size)
-    step = restore_checkpoint(engine)
+    step, eval_batch = restore_checkpoint(engine, rank)
     if rank == 0:
         threads = "" if on_gpu else f", {torch.get_num_threads()} torch thread(s) each"
         say(f"[{cfg.pipeline}] starting at step {step}/{cfg.train.steps} on {world_size} worker(s){threads}")
     logger = tracking.RunLogger(loop_config.get("run_id"), rank)
     meter = Throughput()
     window: list[float] = []
-    eval_batch = None
+    # A resumed run logs eval_loss again at its first step: on the saved batch, the value logged
+    # before the checkpoint, so the curve shows that the restore was exact.
+    eval_batch = to_device(eval_batch, device) if eval_batch is not None else None
+    logged_eval_at_start = False
     while step < cfg.train.steps:
         maybe_inject_failure(cfg, step, rank, loop_config["fault_marker"])
         waited = time.perf_counter()
         batch = to_device(next(stream), device)
         waited = time.perf_counter() - waited
-        if eval_batch is None and rank == 0:
-            eval_batch = batch
+        if not logged_eval_at_start and rank == 0:
+            eval_batch = batch if eval_batch is None else eval_batch
+            logged_eval_at_start = True
             with meter.paused():
                 logger.log_metrics({"eval_loss": eval_loss(engine.module, eval_batch, cfg, task)}, step)
         losses = forward_backward(engine, batch, cfg, task)
@@ -334,5 +347,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # restart from it never leaves a gap in the curves.
             with meter.paused():
                 logger.flush()
-                save_checkpoint(engine, step, losses, rank, task, final)
+                save_checkpoint(engine, step, losses, rank, task, final, eval_batch)
     logger.close()

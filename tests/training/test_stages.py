@@ -174,6 +174,13 @@ def test_killed_worker_recovers_from_its_checkpoint(chain):
     # (a restart that must wait for resources starts, and logs, more than once: same position).
     starts = {(m.step, m.value) for m in tracking.client().get_metric_history(results[2].run_id, "data_start_row")}
     assert starts == {(0, 0.0), (5, 40.0)}
+    # The fixed-batch eval_loss at the checkpoint's step, logged before the kill and again by each
+    # start of the restored workers, on the batch saved with the checkpoint (the restarted
+    # stream's first batch is another one): the same value, as the weights are the same.
+    history = tracking.client().get_metric_history(results[2].run_id, "eval_loss")
+    at_checkpoint = [m.value for m in history if m.step == 5]
+    assert len(at_checkpoint) >= 2 and at_checkpoint == pytest.approx([at_checkpoint[0]] * len(at_checkpoint),
+                                                                      rel=1e-5), at_checkpoint
 
 
 def test_registered_model_matches_trained_weights(chain, tmp_path):
