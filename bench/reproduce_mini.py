@@ -81,7 +81,7 @@ def submit(step: str, script: str, args: list[str]) -> dict:
     # The local stack's head runs entrypoints from the checkout (no upload), as the README's commands do.
     command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--", "python", script, *args]
     print(f"[reproduce] {step}: {' '.join(command[4:])}", flush=True)
-    started, summary = time.monotonic(), {}
+    started, summary, reused = time.monotonic(), {}, None
     with open(RESULTS / f"{step}.log", "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in process.stdout:
@@ -95,12 +95,12 @@ def submit(step: str, script: str, args: list[str]) -> dict:
             if text.startswith("[") and ("step" in text or "done" in text or "reused" in text):
                 print(f"  {text[:160]}", flush=True)
             if match := REUSED.search(text):
-                summary["reused"] = match.group(1)
+                reused = match.group(1)  # kept apart: a stage's JSON summary comes after this line
         if process.wait() != 0:
             raise SystemExit(f"[reproduce] {step} failed (exit {process.returncode}); see {RESULTS / step}.log")
     summary["wall_s"] = time.monotonic() - started
-    if summary.get("reused"):
-        summary["trained_s"] = trained_seconds(summary["reused"])
+    if reused:
+        summary["reused"], summary["trained_s"] = reused, trained_seconds(reused)
     print(f"[reproduce] {step} finished in {summary['wall_s'] / 60:.1f} min", flush=True)
     return summary
 
