@@ -310,15 +310,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # A resumed run logs eval_loss again at its first step: on the saved batch, the value logged
     # before the checkpoint, so the curve shows that the restore was exact.
     eval_batch = to_device(eval_batch, device) if eval_batch is not None else None
-    logged_eval_at_start = False
+    started_at = step
     while step < cfg.train.steps:
         maybe_inject_failure(cfg, step, rank, loop_config["fault_marker"])
         waited = time.perf_counter()
         batch = to_device(next(stream), device)
         waited = time.perf_counter() - waited
-        if not logged_eval_at_start and rank == 0:
+        if step == started_at and rank == 0:
             eval_batch = batch if eval_batch is None else eval_batch
-            logged_eval_at_start = True
             with meter.paused():
                 logger.log_metrics({"eval_loss": eval_loss(engine.module, eval_batch, cfg, task)}, step)
         losses = forward_backward(engine, batch, cfg, task)
