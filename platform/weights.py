@@ -11,6 +11,7 @@ model (`models:/kosmos-g-mini-clip/3`, the miniature world's backbones) is fetch
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import shutil
 import tempfile
@@ -57,7 +58,11 @@ REGISTRY_SCHEMES = ("models:/", "runs:/")
 def registry_dir(uri: str) -> Path:
     """A local copy of a registered model's files (`models:/name/<version|latest|@alias>`,
     `runs:/…`); a pinned version is cached (downloaded beside, then renamed into place, so
-    concurrent readers never see half a copy); anything that may move is fetched again."""
+    concurrent readers never see half a copy); anything that may move is fetched again.
+
+    The cache key is the version's number *and* the run it was registered from: a fresh stack (or
+    another tracking server) numbers its versions from 1 again, and a cache keyed by the number
+    alone served the previous stack's `kosmos-g/1` to the next one's jobs."""
     import re
 
     from kosmos_g.platform import tracking
@@ -65,7 +70,10 @@ def registry_dir(uri: str) -> Path:
     pinned = re.fullmatch(r"models:/([\w.-]+)/(\d+)", uri)
     if not pinned:
         return tracking.resolve_artifacts(uri)
-    cache = _cache_root() / "registry" / pinned.group(1) / pinned.group(2)
+    name, number = pinned.groups()
+    version = tracking.client().get_model_version(name, number)
+    origin = version.run_id or hashlib.sha256(version.source.encode()).hexdigest()[:16]
+    cache = _cache_root() / "registry" / name / f"{number}-{origin}"
     if not cache.is_dir():
         cache.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".download-"))

@@ -107,3 +107,23 @@ def test_active_seconds_sum_a_runs_working_sessions(stack_env):
     client.set_terminated(run_id, end_time=start + 15 * minute + day + 30_000)
     assert tracking.active_seconds(run_id) == pytest.approx(10 * 60 + 4 * 60 + 30)
     assert tracking.active_seconds(run_id, max_gap_s=2 * day / 1000) == pytest.approx(day / 1000 + 15.5 * 60)
+
+
+def test_pinned_version_cache_follows_the_registry_not_the_number(stack_env, tmp_path, monkeypatch):
+    """A fresh stack numbers its versions from 1 again: its `name/1` must not be served from the
+    cache the previous stack's `name/1` left (found when a third chain's jobs loaded the second's)."""
+    from kosmos_g.platform import weights
+
+    monkeypatch.setenv("KOSMOS_CACHE_DIR", str(tmp_path / "cache"))
+    name = f"kosmos-g-unit-{uuid.uuid4().hex[:6]}"
+    for content in (b"first stack", b"next stack"):
+        run_id, _ = tracking.start_run("unit", f"pin-{uuid.uuid4().hex[:8]}")
+        model_dir = tmp_path / uuid.uuid4().hex
+        model_dir.mkdir()
+        (model_dir / "weights.bin").write_bytes(content)
+        tracking.log_dir(run_id, model_dir, "model")
+        assert tracking.register_model(run_id, "model", name) == "1"
+        local = weights.registry_dir(f"models:/{name}/1")
+        assert (local / "weights.bin").read_bytes() == content
+        assert weights.registry_dir(f"models:/{name}/1") == local  # cached for this version
+        tracking.client().delete_registered_model(name)  # the registry starts again from version 1
