@@ -115,3 +115,12 @@ def test_a_trained_bundle_names_its_decoder_where_the_job_got_it(tmp_path, s3_pr
     assert written["pretrained_path"] == DECODER_DIR and (tmp_path / "stage2" / DECODER_DIR).is_dir()
     loaded = load_bundle(tmp_path / "stage2")
     assert all(torch.equal(value, _decoder_state(stage1)[key]) for key, value in _decoder_state(loaded).items())
+
+    # What the precomputed latents are keyed by names the decoder the same way on every machine.
+    from kosmos_g.platform.train.job import decoder_identity, model_config_for
+
+    storage.upload_dir(tmp_path / "stage2", f"{s3_prefix}/stage2")
+    storage.upload_dir(tmp_path / "from-s3", f"{s3_prefix}/from-s3")
+    for init, identity in ((f"{s3_prefix}/stage2", f"{s3_prefix}/stage2#image_decoder"),
+                           (f"{s3_prefix}/from-s3", f"{s3_prefix}/sd15")):
+        assert decoder_identity(model_config_for(stage_presets(3).get("tiny"), init), init) == identity
