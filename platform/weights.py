@@ -5,8 +5,9 @@ or its tokenizer from a ModelConfig (training workers, data preprocessing, servi
 first calls `localize(cfg)`: each `s3://` folder (CLIP weights in transformers layout, Stable
 Diffusion in diffusers layout, the official vocabulary) or file (a SentencePiece model, CLIP's
 BPE merges) is copied into the local cache (again only when what is stored there changes) and the
-config points at the copy. The bundle a job saves names those inputs by their URIs again (`portable`). A registered
-model (`models:/kosmos-g-mini-clip/3`, the miniature world's backbones) is fetched from MLflow.
+config points at the copy. A registered model (`models:/kosmos-g-mini-clip/3`, the miniature world's
+backbones) is fetched from MLflow. The bundle a job saves names those inputs by their URIs again
+(`portable`), so it loads on any machine that reaches the store.
 """
 
 from __future__ import annotations
