@@ -250,17 +250,21 @@ def delete_prefix(prefix: str | os.PathLike) -> int:
     return len(uris)
 
 
+def _s3_objects(location: Location, prefix: str) -> list[dict]:
+    """The listing entries (Key, Size, ETag, …) of every object under `prefix` in `location`'s
+    bucket, directory-marker objects (keys ending in '/') left out."""
+    paginator = s3_client().get_paginator("list_objects_v2")
+    with _s3_errors(location.uri):
+        return [item for page in paginator.paginate(Bucket=location.bucket, Prefix=prefix)
+                for item in page.get("Contents", []) if not item["Key"].endswith("/")]
+
+
 def list_uris(prefix: str | os.PathLike) -> list[str]:
     """Every object under a prefix, recursively, as full URIs in sorted order.
     Empty directory-marker objects (keys ending in '/') are left out."""
     location = parse(prefix)
     if location.scheme == "s3":
-        paginator = s3_client().get_paginator("list_objects_v2")
-        keys = []
-        with _s3_errors(location.uri):
-            for page in paginator.paginate(Bucket=location.bucket, Prefix=location.path):
-                keys.extend(item["Key"] for item in page.get("Contents", []) if not item["Key"].endswith("/"))
-        return sorted(f"s3://{location.bucket}/{key}" for key in keys)
+        return sorted(f"s3://{location.bucket}/{item['Key']}" for item in _s3_objects(location, location.path))
     root = Path(location.path)
     if root.is_file():
         return [str(root)]
@@ -319,17 +323,13 @@ def _stored_fingerprint(location: Location, tree: bool) -> str:
     """A short hash of what is stored at an s3 `location` now: each object's key, size and ETag
     (the tree under it, or the one object). Cached copies are keyed by it, so bytes written
     again under a path an earlier stack used are fetched again instead of served stale."""
-    client = s3_client()
-    with _s3_errors(location.uri):
-        if tree:
-            prefix = location.path.rstrip("/") + "/"
-            entries = [(item["Key"], item["Size"], item.get("ETag", ""))
-                       for page in client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket,
-                                                                                    Prefix=prefix)
-                       for item in page.get("Contents", []) if not item["Key"].endswith("/")]
-        else:
-            head = client.head_object(Bucket=location.bucket, Key=location.path)
-            entries = [(location.path, head["ContentLength"], head.get("ETag", ""))]
+    if tree:
+        entries = [(item["Key"], item["Size"], item.get("ETag", ""))
+                   for item in _s3_objects(location, location.path.rstrip("/") + "/")]
+    else:
+        with _s3_errors(location.uri):
+            head = s3_client().head_object(Bucket=location.bucket, Key=location.path)
+        entries = [(location.path, head["ContentLength"], head.get("ETag", ""))]
     if not entries:
         raise StorageNotFound(f"nothing stored under {location.uri}")
     return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()[:16]
