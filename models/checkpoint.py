@@ -5,7 +5,8 @@ The whole MLLM is stored, including the frozen CLIP layers, so a checkpoint is r
 without the original CLIP weights. The frozen image decoder is not stored by
 `save_trainable`: `load_model` reads it from `image_decoder.pretrained_path`. A servable
 bundle (`save_servable`) also carries the decoder in diffusers layout under
-`image_decoder/` when it has no pretrained path (random tiny decoders); a relative
+`image_decoder/` when the config it is saved with names no pretrained path for it (random tiny
+decoders, or one carried by the checkpoint it started from); a relative
 `pretrained_path` is resolved against the checkpoint directory. The text vocabulary (the
 official sentencepiece.bpe.model + dict.txt, or a custom SentencePiece model) is copied into
 `tokenizer/`, so a bundle's ids always decode with the vocabulary it was trained with.
@@ -41,8 +42,9 @@ def trainable_state_dict(model) -> dict[str, torch.Tensor]:
     return state
 
 
-def checkpoint_config(model) -> dict[str, Any]:
-    cfg = copy.deepcopy(model.config)
+def checkpoint_config(model, config=None) -> dict[str, Any]:
+    """The config a checkpoint of `model` is saved with: `config` (default: the model's own)."""
+    cfg = copy.deepcopy(config if config is not None else model.config)
     # The vision weights travel inside the checkpoint; its architecture fields are filled in.
     cfg.mllm.vision.pretrained_path = None
     return config_to_dict(cfg)
@@ -68,23 +70,27 @@ def _copy_vocabulary(config: dict[str, Any], directory: Path) -> None:
         tokenizer["sentencepiece_path"] = f"{TOKENIZER_DIR}/{source.name}"
 
 
-def save_trainable(model, directory: str | Path) -> Path:
+def save_trainable(model, directory: str | Path, config=None) -> Path:
     """Write `model.safetensors` + `config.json` (+ the text vocabulary, `tokenizer/`) into
-    `directory`; returns the directory."""
+    `directory`; returns the directory. `config`: the ModelConfig to write instead of the
+    model's own, e.g. one naming the decoder by where it was fetched from rather than the
+    local copy the model was built from."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(trainable_state_dict(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    config = checkpoint_config(model)
+    config = checkpoint_config(model, config)
     _copy_vocabulary(config, directory)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
 
-def save_servable(model, directory: str | Path) -> Path:
+def save_servable(model, directory: str | Path, config=None) -> Path:
     """`save_trainable` plus what serving needs to reproduce the frozen image decoder:
-    its diffusers layout when it was not loaded from a pretrained path."""
-    directory = save_trainable(model, directory)
-    if model.config.image_decoder.pretrained_path is None:
+    its diffusers layout when the config written (`config`, default the model's) names no
+    pretrained path for it."""
+    config = config if config is not None else model.config
+    directory = save_trainable(model, directory, config)
+    if config.image_decoder.pretrained_path is None:
         model.image_decoder.save_pretrained(directory / DECODER_DIR)
         data = json.loads((directory / CONFIG_NAME).read_text())
         data["image_decoder"]["pretrained_path"] = DECODER_DIR

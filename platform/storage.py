@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -248,17 +250,21 @@ def delete_prefix(prefix: str | os.PathLike) -> int:
     return len(uris)
 
 
+def _s3_objects(location: Location, prefix: str) -> list[dict]:
+    """The listing entries (Key, Size, ETag, …) of every object under `prefix` in `location`'s
+    bucket, directory-marker objects (keys ending in '/') left out."""
+    paginator = s3_client().get_paginator("list_objects_v2")
+    with _s3_errors(location.uri):
+        return [item for page in paginator.paginate(Bucket=location.bucket, Prefix=prefix)
+                for item in page.get("Contents", []) if not item["Key"].endswith("/")]
+
+
 def list_uris(prefix: str | os.PathLike) -> list[str]:
     """Every object under a prefix, recursively, as full URIs in sorted order.
     Empty directory-marker objects (keys ending in '/') are left out."""
     location = parse(prefix)
     if location.scheme == "s3":
-        paginator = s3_client().get_paginator("list_objects_v2")
-        keys = []
-        with _s3_errors(location.uri):
-            for page in paginator.paginate(Bucket=location.bucket, Prefix=location.path):
-                keys.extend(item["Key"] for item in page.get("Contents", []) if not item["Key"].endswith("/"))
-        return sorted(f"s3://{location.bucket}/{key}" for key in keys)
+        return sorted(f"s3://{location.bucket}/{item['Key']}" for item in _s3_objects(location, location.path))
     root = Path(location.path)
     if root.is_file():
         return [str(root)]
@@ -313,22 +319,41 @@ def download_dir(uri: str, local_dir: str | os.PathLike) -> Path:
     return root
 
 
-def _cache_target(location: Location, cache_root: str | os.PathLike | None) -> tuple[Path, Path]:
-    """(cache root, where the object or tree at `location` is cached under it)."""
+def _stored_fingerprint(location: Location, tree: bool) -> str:
+    """A short hash of what is stored at an s3 `location` now: each object's key, size and ETag
+    (the tree under it, or the one object). Cached copies are keyed by it, so bytes written
+    again under a path an earlier stack used are fetched again instead of served stale."""
+    if tree:
+        entries = [(item["Key"], item["Size"], item.get("ETag", ""))
+                   for item in _s3_objects(location, location.path.rstrip("/") + "/")]
+    else:
+        with _s3_errors(location.uri):
+            head = s3_client().head_object(Bucket=location.bucket, Key=location.path)
+        entries = [(location.path, head["ContentLength"], head.get("ETag", ""))]
+    if not entries:
+        raise StorageNotFound(f"nothing stored under {location.uri}")
+    return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()[:16]
+
+
+def _cache_target(location: Location, cache_root: str | os.PathLike | None, tree: bool) -> tuple[Path, Path]:
+    """(cache root, where the tree or object at `location` is cached under it): a folder named
+    by its path and `_stored_fingerprint`; a single object keeps its file name inside it."""
     cache = Path(cache_root or os.environ.get("KOSMOS_CACHE_DIR", Path.home() / ".cache" / "kosmos-g"))
-    return cache, cache / location.bucket / location.path.strip("/")
+    path = location.path.strip("/")
+    folder = cache / location.bucket / f"{path}@{_stored_fingerprint(location, tree)}"
+    return cache, folder if tree else folder / Path(path).name
 
 
 def local_dir(uri: str, cache_root: str | os.PathLike | None = None) -> Path:
     """A local directory holding the tree at `uri`: the path itself for local
-    URIs, else a cache copy (reused when already complete). Models only ever see
-    local directories; this is where `s3://` weights become one."""
+    URIs, else a cache copy of what is stored there now (reused while the listing is
+    unchanged). Models only ever see local directories; this is where `s3://` weights become one."""
     location = parse(uri)
     if location.scheme == "file":
         if not os.path.isdir(location.path):
             raise StorageNotFound(f"no such directory: {location.path}")
         return Path(location.path)
-    cache, target = _cache_target(location, cache_root)
+    cache, target = _cache_target(location, cache_root, tree=True)
     marker = target / ".complete"
     if marker.exists():
         return target
@@ -354,14 +379,15 @@ def local_dir(uri: str, cache_root: str | os.PathLike | None = None) -> Path:
 
 
 def local_file(uri: str, cache_root: str | os.PathLike | None = None) -> Path:
-    """A local path of the single file at `uri`: itself when local, else a cached download
-    (written beside and renamed, so a partial download never passes for the file)."""
+    """A local path of the single file at `uri`: itself when local, else a cached download of
+    what is stored there now (written beside and renamed, so a partial download never passes
+    for the file)."""
     location = parse(uri)
     if location.scheme == "file":
         if not os.path.isfile(location.path):
             raise StorageNotFound(f"no such file: {location.path}")
         return Path(location.path)
-    _, target = _cache_target(location, cache_root)
+    _, target = _cache_target(location, cache_root, tree=False)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

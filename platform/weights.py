@@ -4,8 +4,10 @@
 or its tokenizer from a ModelConfig (training workers, data preprocessing, serving, import)
 first calls `localize(cfg)`: each `s3://` folder (CLIP weights in transformers layout, Stable
 Diffusion in diffusers layout, the official vocabulary) or file (a SentencePiece model, CLIP's
-BPE merges) is copied once into the local cache and the config points at the copy. A registered
-model (`models:/kosmos-g-mini-clip/3`, the miniature world's backbones) is fetched from MLflow.
+BPE merges) is copied into the local cache (again only when what is stored there changes) and the
+config points at the copy. A registered model (`models:/kosmos-g-mini-clip/3`, the miniature world's
+backbones) is fetched from MLflow. The bundle a job saves names those inputs by their URIs again
+(`portable`), so it loads on any machine that reaches the store.
 """
 
 from __future__ import annotations
@@ -36,20 +38,7 @@ def _cache_root() -> Path:
 
 def local_file(uri: str) -> Path:
     """A local path holding the object at `uri` (the path itself for local URIs)."""
-    location = storage.parse(uri)
-    if location.scheme == "file":
-        if not os.path.isfile(location.path):
-            raise storage.StorageNotFound(f"no such file: {location.path}")
-        return Path(location.path)
-    target = _cache_root() / "files" / location.bucket / location.path.strip("/")
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, staging = tempfile.mkstemp(dir=target.parent, prefix=".download-")
-    with os.fdopen(fd, "wb") as sink, storage.open_read(uri) as source:
-        shutil.copyfileobj(source, sink, length=1024 * 1024)
-    os.replace(staging, target)
-    return target
+    return storage.local_file(uri, _cache_root() / "files")
 
 
 REGISTRY_SCHEMES = ("models:/", "runs:/")
@@ -103,6 +92,31 @@ def localize(cfg: ModelConfig) -> ModelConfig:
         elif value and storage.parse(value).scheme != "file":
             local = storage.local_dir(value) if is_dir else local_file(value)
             setattr(node, name, str(local))
+    return cfg
+
+
+def bundle_sources(directory: str | os.PathLike, overrides: dict | None = None) -> ModelConfig:
+    """A bundle's config as it names its inputs (nothing fetched), for `portable`: a decoder
+    carried inside this bundle (a random tiny one) is given as None, so that a bundle saved
+    from a model built on this one carries the decoder too instead of naming this copy."""
+    from kosmos_g.models.checkpoint import load_config
+
+    cfg = load_config(directory, overrides)
+    decoder = cfg.image_decoder.pretrained_path
+    if decoder and Path(decoder).is_relative_to(Path(directory)):
+        cfg.image_decoder.pretrained_path = None
+    return cfg
+
+
+def portable(built: ModelConfig, sources: ModelConfig) -> ModelConfig:
+    """The config to save with a model built from `localize(sources)`: `built`, with the frozen
+    decoder's weights and BPE merges named as in `sources` (an `s3://` or `models:/` URI, a
+    user's own path, or None to carry the decoder in the bundle) rather than by this machine's
+    cached copies, so a registered bundle loads wherever its store can be reached. (The vision
+    weights and the text vocabulary travel inside the bundle.)"""
+    cfg = copy.deepcopy(built)
+    cfg.image_decoder.pretrained_path = sources.image_decoder.pretrained_path
+    cfg.image_decoder.clip_bpe_path = sources.image_decoder.clip_bpe_path
     return cfg
 
 

@@ -132,15 +132,19 @@ def model_config_for(cfg: StageConfig, init_uri: str | None):
     if init_uri is None:
         return cfg.model
     from kosmos_g.models.checkpoint import load_config
+    from kosmos_g.platform.weights import local_dir
 
-    return load_config(tracking.resolve_artifacts(init_uri))
+    return load_config(local_dir(init_uri))
 
 
 def decoder_identity(model_cfg, init_uri: str | None) -> str:
     """Where the frozen image decoder's weights come from, as a name that stays the same across
-    machines: its pretrained path, the bundle it travels in (random tiny decoders), or random."""
+    machines: its pretrained path (a URI in a bundle a job saved), the bundle it travels in (random
+    tiny decoders), or random. `model_cfg`: from `model_config_for` (the same cached bundle copy)."""
+    from kosmos_g.platform.weights import local_dir
+
     path = model_cfg.image_decoder.pretrained_path
-    if init_uri is not None and (path is None or path.startswith(str(tracking.resolve_artifacts(init_uri)))):
+    if init_uri is not None and (path is None or Path(path).is_relative_to(local_dir(init_uri))):
         return f"{init_uri}#image_decoder"
     return path or "random"
 

@@ -46,6 +46,7 @@ class StageTask(Task):
 
     def __init__(self, stage: int):
         self.stage = stage
+        self.sources = None  # the ModelConfig `build` built from, before its inputs were fetched
 
     @property
     def config_type(self):
@@ -56,15 +57,17 @@ class StageTask(Task):
     def build(self, cfg, init_uri, device):
         from kosmos_g.models.kosmos_g import KosmosG
         from kosmos_g.platform import tracking
-        from kosmos_g.platform.weights import load_bundle, localize
+        from kosmos_g.platform.weights import bundle_sources, load_bundle, localize
 
         torch.manual_seed(cfg.train.seed)
         if init_uri:
             bundle = tracking.resolve_artifacts(init_uri)
             overrides = self.fresh_aligner(cfg, bundle)
             model = load_bundle(bundle, overrides, fresh_parts=("aligner",) if overrides else ())
+            self.sources = bundle_sources(bundle, overrides)
         else:
             model = KosmosG.from_config(localize(cfg.model))
+            self.sources = cfg.model
         model.set_stage(cfg.stage)
         return model.to(device).train()
 
@@ -91,5 +94,7 @@ class StageTask(Task):
 
     def save_bundle(self, model, directory):
         from kosmos_g.models.checkpoint import save_servable
+        from kosmos_g.platform.weights import portable
 
-        save_servable(model, directory)
+        # The bundle names the decoder as the job was given it, not by this worker's cached copy.
+        save_servable(model, directory, portable(model.config, self.sources) if self.sources else None)

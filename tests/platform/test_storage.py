@@ -106,6 +106,26 @@ def test_local_dir_fetches_s3_tree_into_cache(s3_prefix, tmp_path):
         storage.local_dir(f"{s3_prefix}/no-such-weights", cache_root=tmp_path)
 
 
+def test_cached_copies_follow_the_stored_bytes_not_the_path(s3_prefix, tmp_path):
+    """A fresh stack writes other bytes under a path an earlier one used (its buckets start empty,
+    its job names repeat): the cache must serve what is stored now, for trees and single files."""
+    storage.write_bytes(f"{s3_prefix}/weights/model.bin", b"first stack")
+    storage.write_bytes(f"{s3_prefix}/merges.txt", b"first merges")
+    first_dir = storage.local_dir(f"{s3_prefix}/weights", cache_root=tmp_path)
+    first_file = storage.local_file(f"{s3_prefix}/merges.txt", cache_root=tmp_path)
+    assert first_file.name == "merges.txt" and first_file.read_bytes() == b"first merges"
+
+    storage.write_bytes(f"{s3_prefix}/weights/model.bin", b"second stack")
+    storage.write_bytes(f"{s3_prefix}/merges.txt", b"second merges")
+    assert (storage.local_dir(f"{s3_prefix}/weights", cache_root=tmp_path) / "model.bin").read_bytes() == b"second stack"
+    assert storage.local_file(f"{s3_prefix}/merges.txt", cache_root=tmp_path).read_bytes() == b"second merges"
+    storage.write_bytes(f"{s3_prefix}/weights/extra.json", b"{}")  # a file added to the tree counts too
+    assert (storage.local_dir(f"{s3_prefix}/weights", cache_root=tmp_path) / "extra.json").is_file()
+    assert (first_dir / "model.bin").read_bytes() == b"first stack"  # a copy in use is never rewritten
+    with pytest.raises(storage.StorageNotFound):
+        storage.local_file(f"{s3_prefix}/no-such-merges.txt", cache_root=tmp_path)
+
+
 def test_a_second_download_never_replaces_a_copy_being_read(s3_prefix, tmp_path, monkeypatch):
     """Two Train workers on one node fetch the same init bundle: the one that finishes second must
     not delete the first one's copy while it is read (a stage-2 worker's `torch.load` failed with

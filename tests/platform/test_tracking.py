@@ -44,17 +44,23 @@ def test_run_params_metrics_artifacts_and_resume(stack_env, s3_server, tmp_path)
     assert any(uri.endswith(f"{run_id}/artifacts/config.yaml") for uri in stored)
 
 
+def _register_weights(name: str, content: bytes, tmp_path) -> str:
+    """A new run whose `model` artifact is one file holding `content`, registered as `name`;
+    returns the version number."""
+    run_id, _ = tracking.start_run("unit", f"reg-{uuid.uuid4().hex[:8]}")
+    model_dir = tmp_path / uuid.uuid4().hex
+    model_dir.mkdir()
+    (model_dir / "weights.bin").write_bytes(content)
+    tracking.log_dir(run_id, model_dir, "model")
+    return tracking.register_model(run_id, "model", name)
+
+
 def test_register_alias_and_resolve(stack_env, tmp_path):
     name = f"kosmos-g-unit-{uuid.uuid4().hex[:6]}"
     assert tracking.latest_model_uri(name) is None
     versions = []
     for content in (b"v1", b"v2"):
-        run_id, _ = tracking.start_run("unit", f"reg-{uuid.uuid4().hex[:8]}")
-        model_dir = tmp_path / content.decode()
-        model_dir.mkdir()
-        (model_dir / "weights.bin").write_bytes(content)
-        tracking.log_dir(run_id, model_dir, "model")
-        versions.append(tracking.register_model(run_id, "model", name))
+        versions.append(_register_weights(name, content, tmp_path))
     assert versions == ["1", "2"]
     uri = tracking.latest_model_uri(name)
     assert uri == f"models:/{name}/latest"
@@ -117,12 +123,7 @@ def test_pinned_version_cache_follows_the_registry_not_the_number(stack_env, tmp
     monkeypatch.setenv("KOSMOS_CACHE_DIR", str(tmp_path / "cache"))
     name = f"kosmos-g-unit-{uuid.uuid4().hex[:6]}"
     for content in (b"first stack", b"next stack"):
-        run_id, _ = tracking.start_run("unit", f"pin-{uuid.uuid4().hex[:8]}")
-        model_dir = tmp_path / uuid.uuid4().hex
-        model_dir.mkdir()
-        (model_dir / "weights.bin").write_bytes(content)
-        tracking.log_dir(run_id, model_dir, "model")
-        assert tracking.register_model(run_id, "model", name) == "1"
+        assert _register_weights(name, content, tmp_path) == "1"
         local = weights.registry_dir(f"models:/{name}/1")
         assert (local / "weights.bin").read_bytes() == content
         assert weights.registry_dir(f"models:/{name}/1") == local  # cached for this version

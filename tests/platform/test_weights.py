@@ -70,3 +70,57 @@ def test_s3_official_vocabulary_and_sentencepiece_file(tmp_path, s3_prefix, monk
     cfg = model_preset("tiny")
     cfg.tokenizer.sentencepiece_path = f"{s3_prefix}/vocab/sentencepiece.bpe.model"
     assert Path(localize(cfg).tokenizer.sentencepiece_path).read_bytes() == (OFFICIAL / "sentencepiece.bpe.model").read_bytes()
+
+
+def _decoder_state(model) -> dict[str, torch.Tensor]:
+    return model.image_decoder.unet.state_dict()
+
+
+def test_a_trained_bundle_names_its_decoder_where_the_job_got_it(tmp_path, s3_prefix, monkeypatch):
+    """A stage's bundle must load on another machine: it names the decoder by its `s3://` URI, not
+    by the worker's cached copy, and a random decoder carried by the starting bundle is carried on."""
+    import json
+    import shutil
+
+    from kosmos_g.models.checkpoint import CONFIG_NAME, DECODER_DIR
+    from kosmos_g.platform.train.config import stage_presets
+    from kosmos_g.platform.train.task import StageTask
+    from kosmos_g.platform.weights import load_bundle
+
+    monkeypatch.setenv("KOSMOS_CACHE_DIR", str(tmp_path / "cache"))
+    reference = KosmosG.from_config(model_preset("tiny"))
+    save_sd_folder(tmp_path / "sd", reference.image_decoder)
+    storage.upload_dir(tmp_path / "sd", f"{s3_prefix}/sd15")
+
+    cfg = stage_presets(1).get("tiny")
+    cfg.model.image_decoder.pretrained_path = f"{s3_prefix}/sd15"
+    task = StageTask(1)
+    task.save_bundle(task.build(cfg, None, torch.device("cpu")), tmp_path / "from-s3")
+    written = json.loads((tmp_path / "from-s3" / CONFIG_NAME).read_text())["image_decoder"]
+    assert written["pretrained_path"] == f"{s3_prefix}/sd15" and not (tmp_path / "from-s3" / DECODER_DIR).exists()
+    shutil.rmtree(tmp_path / "cache")  # another machine: nothing cached
+    loaded = load_bundle(tmp_path / "from-s3")
+    assert all(torch.equal(value, _decoder_state(reference)[key]) for key, value in _decoder_state(loaded).items())
+
+    # Stage 1 on a random decoder carries it; stage 2 started from that bundle carries it again.
+    task = StageTask(1)
+    task.save_bundle(task.build(stage_presets(1).get("tiny"), None, torch.device("cpu")), tmp_path / "stage1")
+    storage.upload_dir(tmp_path / "stage1", f"{s3_prefix}/stage1")
+    stage1 = load_bundle(tmp_path / "stage1")
+    task = StageTask(2)
+    task.save_bundle(task.build(stage_presets(2).get("tiny"), f"{s3_prefix}/stage1", torch.device("cpu")),
+                     tmp_path / "stage2")
+    shutil.rmtree(tmp_path / "cache")
+    written = json.loads((tmp_path / "stage2" / CONFIG_NAME).read_text())["image_decoder"]
+    assert written["pretrained_path"] == DECODER_DIR and (tmp_path / "stage2" / DECODER_DIR).is_dir()
+    loaded = load_bundle(tmp_path / "stage2")
+    assert all(torch.equal(value, _decoder_state(stage1)[key]) for key, value in _decoder_state(loaded).items())
+
+    # What the precomputed latents are keyed by names the decoder the same way on every machine.
+    from kosmos_g.platform.train.job import decoder_identity, model_config_for
+
+    storage.upload_dir(tmp_path / "stage2", f"{s3_prefix}/stage2")
+    storage.upload_dir(tmp_path / "from-s3", f"{s3_prefix}/from-s3")
+    for init, identity in ((f"{s3_prefix}/stage2", f"{s3_prefix}/stage2#image_decoder"),
+                           (f"{s3_prefix}/from-s3", f"{s3_prefix}/sd15")):
+        assert decoder_identity(model_config_for(stage_presets(3).get("tiny"), init), init) == identity
