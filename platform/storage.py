@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 from urllib.parse import urlparse
 
 S3_RETRY_ATTEMPTS = 8
@@ -353,25 +353,35 @@ def local_dir(uri: str, cache_root: str | os.PathLike | None = None) -> Path:
         if not os.path.isdir(location.path):
             raise StorageNotFound(f"no such directory: {location.path}")
         return Path(location.path)
-    cache, target = _cache_target(location, cache_root, tree=True)
+    _, target = _cache_target(location, cache_root, tree=True)
+    return fill_once(target, lambda staging: download_dir(uri, staging), note=location.uri)
+
+
+def fill_once(target: Path, fill: Callable[[Path], object], note: str = "") -> Path:
+    """The cache folder `target`, filled by `fill(folder)` unless a complete copy is there.
+
+    It is filled in a folder beside it, marked `.complete` and renamed into place, so a crash never
+    leaves a half-filled folder that passes for complete, and of two processes filling it at once
+    (two Train workers on one node) the first complete copy stays."""
     marker = target / ".complete"
     if marker.exists():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
-    # Download beside the target and rename, so a crash never leaves a
-    # half-filled directory that looks complete.
-    staging = Path(tempfile.mkdtemp(dir=cache, prefix=".download-"))
-    download_dir(uri, staging)
-    (staging / ".complete").write_text(location.uri)
     target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
+    try:
+        fill(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    (staging / ".complete").write_text(note)
     if target.exists() and not marker.exists():
-        shutil.rmtree(target)  # left by an older version of this code: never renamed complete
+        shutil.rmtree(target)  # never marked complete: a copy made before the marker existed
     try:
         os.replace(staging, target)
     except OSError:
-        # Another process (a second Train worker on this node) renamed its complete copy there
-        # first and may be reading it now: keep that one. Replacing it deleted files under a
-        # reader (`torch.load`: "PytorchStreamReader failed reading file data/95").
+        # Another process renamed its complete copy there first and may be reading it now: keep
+        # that one. Replacing it deleted files under a reader (`torch.load`: "PytorchStreamReader
+        # failed reading file data/95").
         shutil.rmtree(staging, ignore_errors=True)
         if not marker.exists():
             raise

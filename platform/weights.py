@@ -15,8 +15,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from kosmos_g.models.config import ModelConfig
@@ -46,8 +44,8 @@ REGISTRY_SCHEMES = ("models:/", "runs:/")
 
 def registry_dir(uri: str) -> Path:
     """A local copy of a registered model's files (`models:/name/<version|latest|@alias>`,
-    `runs:/…`); a pinned version is cached (downloaded beside, then renamed into place, so
-    concurrent readers never see half a copy); anything that may move is fetched again.
+    `runs:/…`); a pinned version is cached (`storage.fill_once`: concurrent readers never see half
+    a copy); anything that may move is fetched again.
 
     The cache key is the version's number *and* the run it was registered from: a fresh stack (or
     another tracking server) numbers its versions from 1 again, and a cache keyed by the number
@@ -63,14 +61,7 @@ def registry_dir(uri: str) -> Path:
     version = tracking.client().get_model_version(name, number)
     origin = version.run_id or hashlib.sha256(version.source.encode()).hexdigest()[:16]
     cache = _cache_root() / "registry" / name / f"{number}-{origin}"
-    if not cache.is_dir():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".download-"))
-        tracking.resolve_artifacts(uri, staging)
-        try:
-            os.rename(staging, cache)
-        except OSError:  # another process finished first
-            shutil.rmtree(staging, ignore_errors=True)
+    storage.fill_once(cache, lambda staging: tracking.resolve_artifacts(uri, staging), note=uri)
     return tracking.bundle_of(cache)
 
 

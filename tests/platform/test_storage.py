@@ -149,7 +149,38 @@ def test_a_second_download_never_replaces_a_copy_being_read(s3_prefix, tmp_path,
     # The first copy is still the one in place: same file, still readable, nothing left staged.
     assert opened["path"].stat().st_ino == opened["inode"]
     assert opened["path"].read_bytes() == b"m" * 1000
-    assert not list(tmp_path.glob(".download-*"))
+    assert not list(tmp_path.rglob(".download-*"))
+
+
+def test_a_cache_fill_that_fails_leaves_nothing_that_passes_for_a_copy(tmp_path):
+    """`fill_once` (behind every cached s3 tree and registered model): a download that dies leaves
+    no folder behind, the next call fills it, a complete copy is never filled again, and a folder
+    without the marker (a copy made before the marker existed) is replaced by a marked one."""
+    target = tmp_path / "registry" / "kosmos-g" / "1-run"
+
+    def dies_halfway(folder):
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise ConnectionError("server went away")
+
+    with pytest.raises(ConnectionError):
+        storage.fill_once(target, dies_halfway)
+    assert not target.exists() and not list(tmp_path.rglob(".download-*"))
+
+    fills = []
+    def fill(folder):
+        fills.append(folder)
+        (folder / "model.safetensors").write_bytes(b"whole")
+
+    assert storage.fill_once(target, fill, note="models:/kosmos-g/1") == target
+    assert storage.fill_once(target, fill) == target and len(fills) == 1
+    assert (target / "model.safetensors").read_bytes() == b"whole"
+    assert (target / ".complete").read_text() == "models:/kosmos-g/1"
+
+    unmarked = tmp_path / "registry" / "kosmos-g" / "2-run"
+    unmarked.mkdir()
+    (unmarked / "model.safetensors").write_bytes(b"stale")
+    storage.fill_once(unmarked, fill)
+    assert (unmarked / "model.safetensors").read_bytes() == b"whole" and len(fills) == 2
 
 
 def test_upload_and_download_dir(s3_prefix, tmp_path):
