@@ -182,6 +182,18 @@ def summarise(scores: Sequence[dict]) -> dict[str, float]:
     return metrics
 
 
+def rate_interval(rate: float, cases: float, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% at the default z) around a hit rate measured on `cases`:
+    what the evaluation's sampling alone leaves open, so a target met by three cases of 200 reads
+    as the near thing it is. It says nothing of the spread between training seeds."""
+    if cases <= 0:
+        return 0.0, 1.0
+    spread = z * z / cases
+    centre = (rate + spread / 2) / (1 + spread)
+    half = z * np.sqrt(rate * (1 - rate) / cases + spread / (4 * cases)) / (1 + spread)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 def _missing(value) -> bool:
     return isinstance(value, float) and np.isnan(value)
 

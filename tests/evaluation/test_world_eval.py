@@ -193,3 +193,12 @@ def test_clip_shape_check_scores_a_reader_that_sees_shapes():
 
     assert binding_accuracy(shape_reader, count=40, seed=3) == {
         **{f"binding_{n}": 0.0 for n in SETS}, **{f"shape_{n}": 1.0 for n in SETS}}
+
+
+def test_rate_interval_is_wilsons_and_narrows_with_cases():
+    low, high = world_eval.rate_interval(0.615, 200)  # 123 of 200, worked by hand: 0.546-0.680
+    assert abs(low - 0.546) < 0.001 and abs(high - 0.680) < 0.001
+    assert world_eval.rate_interval(0.0, 200)[0] == 0.0 and world_eval.rate_interval(1.0, 200)[1] == 1.0
+    wide, narrow = world_eval.rate_interval(0.8, 50), world_eval.rate_interval(0.8, 800)
+    assert wide[0] < narrow[0] < 0.8 < narrow[1] < wide[1]
+    assert world_eval.rate_interval(0.5, 0) == (0.0, 1.0)
