@@ -335,13 +335,13 @@ def _stored_fingerprint(location: Location, tree: bool) -> str:
     return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()[:16]
 
 
-def _cache_target(location: Location, cache_root: str | os.PathLike | None, tree: bool) -> tuple[Path, Path]:
-    """(cache root, where the tree or object at `location` is cached under it): a folder named
-    by its path and `_stored_fingerprint`; a single object keeps its file name inside it."""
+def _cache_target(location: Location, cache_root: str | os.PathLike | None, tree: bool) -> Path:
+    """Where the tree or object at `location` is cached under `cache_root`: a folder named by its
+    path and `_stored_fingerprint`; a single object keeps its file name inside it."""
     cache = Path(cache_root or os.environ.get("KOSMOS_CACHE_DIR", Path.home() / ".cache" / "kosmos-g"))
     path = location.path.strip("/")
     folder = cache / location.bucket / f"{path}@{_stored_fingerprint(location, tree)}"
-    return cache, folder if tree else folder / Path(path).name
+    return folder if tree else folder / Path(path).name
 
 
 def local_dir(uri: str, cache_root: str | os.PathLike | None = None) -> Path:
@@ -353,7 +353,7 @@ def local_dir(uri: str, cache_root: str | os.PathLike | None = None) -> Path:
         if not os.path.isdir(location.path):
             raise StorageNotFound(f"no such directory: {location.path}")
         return Path(location.path)
-    _, target = _cache_target(location, cache_root, tree=True)
+    target = _cache_target(location, cache_root, tree=True)
     return fill_once(target, lambda staging: download_dir(uri, staging), note=location.uri)
 
 
@@ -397,7 +397,7 @@ def local_file(uri: str, cache_root: str | os.PathLike | None = None) -> Path:
         if not os.path.isfile(location.path):
             raise StorageNotFound(f"no such file: {location.path}")
         return Path(location.path)
-    _, target = _cache_target(location, cache_root, tree=False)
+    target = _cache_target(location, cache_root, tree=False)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
