@@ -335,10 +335,15 @@ def _stored_fingerprint(location: Location, tree: bool) -> str:
     return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()[:16]
 
 
+def default_cache_root() -> Path:
+    """Where fetched copies are cached on this machine: `$KOSMOS_CACHE_DIR`, else ~/.cache/kosmos-g."""
+    return Path(os.environ.get("KOSMOS_CACHE_DIR", Path.home() / ".cache" / "kosmos-g"))
+
+
 def _cache_target(location: Location, cache_root: str | os.PathLike | None, tree: bool) -> Path:
     """Where the tree or object at `location` is cached under `cache_root`: a folder named by its
     path and `_stored_fingerprint`; a single object keeps its file name inside it."""
-    cache = Path(cache_root or os.environ.get("KOSMOS_CACHE_DIR", Path.home() / ".cache" / "kosmos-g"))
+    cache = Path(cache_root) if cache_root else default_cache_root()
     path = location.path.strip("/")
     folder = cache / location.bucket / f"{path}@{_stored_fingerprint(location, tree)}"
     return folder if tree else folder / Path(path).name

@@ -30,13 +30,9 @@ MODEL_PATHS = (
 )
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("KOSMOS_CACHE_DIR", Path.home() / ".cache" / "kosmos-g"))
-
-
 def local_file(uri: str) -> Path:
     """A local path holding the object at `uri` (the path itself for local URIs)."""
-    return storage.local_file(uri, _cache_root() / "files")
+    return storage.local_file(uri, storage.default_cache_root() / "files")
 
 
 REGISTRY_SCHEMES = ("models:/", "runs:/")
@@ -60,7 +56,7 @@ def registry_dir(uri: str) -> Path:
     name, number = pinned.groups()
     version = tracking.client().get_model_version(name, number)
     origin = version.run_id or hashlib.sha256(version.source.encode()).hexdigest()[:16]
-    cache = _cache_root() / "registry" / name / f"{number}-{origin}"
+    cache = storage.default_cache_root() / "registry" / name / f"{number}-{origin}"
     storage.fill_once(cache, lambda staging: tracking.resolve_artifacts(uri, staging), note=uri)
     return tracking.bundle_of(cache)
 
