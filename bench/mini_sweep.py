@@ -218,20 +218,29 @@ def text_to_image(decoder, prompts: list[str], guidance: float, chunk: int = 64,
                       for i in range(0, len(prompts), chunk)])
 
 
+def case_pictures(decoder, count: int, guidance: float = 4.0, layer: int = -1) -> list:
+    """[(case, picture)]: the world evaluation's `count` single and `count // 2` two-subject
+    held-out cases (platform/evaluation/world.py), each drawn by a loaded mini decoder from its
+    words (`a red star on a purple background`)."""
+    from PIL import Image
+
+    from kosmos_g.platform.evaluation import world as world_eval
+
+    cases = [case for case in world_eval.cases(count, count // 2) if case.kind != "text"]
+    images = text_to_image(decoder, [case.text for case in cases], guidance, layer=layer)
+    return [(case, Image.fromarray(to_uint8(image))) for case, image in zip(cases, images)]
+
+
 def score_on(decoder, count: int, split: str = "train", guidance: float = 4.0, layer: int = -1) -> dict[str, float]:
     """Text-to-image accuracy of a loaded mini decoder on `count` single-object prompts of `split`;
     with split "cases", on the world evaluation's own held-out cases (platform/evaluation/world.py)
     prompted in words: the most an image-prompted Kosmos-G on this decoder could be expected to draw."""
     if split == "cases":
-        from PIL import Image
-
         from kosmos_g.platform.evaluation import world as world_eval
 
-        cases = [case for case in world_eval.cases(count, count // 2) if case.kind != "text"]
-        images = text_to_image(decoder, [case.text for case in cases], guidance, layer=layer)
-        pictures = [Image.fromarray(to_uint8(image)) for image in images]
-        scores = [{"kind": case.kind, **world_eval.score(case, picture)} for case, picture in zip(cases, pictures)]
-        return world_eval.summarise(scores)
+        pictures = case_pictures(decoder, count, guidance, layer)
+        return world_eval.summarise([{"kind": case.kind, **world_eval.score(case, picture)}
+                                     for case, picture in pictures])
     prompts = eval_prompts(count, 1, split)
     images = text_to_image(decoder, [f"a {c} {s} on a {b} background" for c, s, b in prompts], guidance, layer=layer)
     return score(images, prompts)

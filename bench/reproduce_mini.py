@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import shape_transfer  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "reproduce_mini"
 DOC, FIGURE = ROOT / "docs" / "REPRODUCTION.md", ROOT / "docs" / "reproduce_mini.png"
 BEGIN, END = "<!-- reproduce_mini:begin -->", "<!-- reproduce_mini:end -->"
@@ -221,26 +223,20 @@ def evaluate(models: dict[str, str], singles: int, pairs: int) -> dict[str, dict
     return results
 
 
-def decoder_ceiling(model_uri: str, singles: int) -> tuple[str, dict] | None:
-    """(decoder URI, metrics) of the mini decoder `model_uri` was trained on, prompted with the
-    evaluation's own held-out cases in words (`a red star on a purple background`): what the frozen
-    decoder draws when told exactly, the most the image-prompted model can be expected to reach."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import mini_sweep
-
-    from kosmos_g.platform import tracking
-
-    name, version = model_uri.removeprefix("models:/").split("/")
-    run = tracking.client().get_run(tracking.client().get_model_version(name, version).run_id)
-    decoder = run.data.params.get("model.image_decoder.pretrained_path", "")
+def decoder_ceiling(model_uri: str, singles: int) -> tuple[str, dict, dict] | None:
+    """(decoder URI, metrics, {single case key: drawn shape}) of the mini decoder `model_uri` was
+    trained on, prompted with the evaluation's own held-out cases in words (`a red star on a purple
+    background`): what the frozen decoder draws when told exactly, the most the image-prompted
+    model can be expected to reach."""
+    decoder = shape_transfer.decoder_of(model_uri)
     if not decoder.startswith("models:/"):
         print(f"[reproduce] {model_uri} names no registered decoder ({decoder!r}): no ceiling row", flush=True)
         return None
     print(f"[reproduce] {decoder} prompted with the held-out cases in words", flush=True)
-    return decoder, mini_sweep.score_decoder(decoder, singles, threads=2, split="cases")
+    return (decoder, *shape_transfer.decoder_reading(decoder, singles))
 
 
-def table(results: dict[str, dict], ceiling: tuple[str, dict] | None = None) -> list[str]:
+def table(results: dict[str, dict], ceiling: tuple[str, dict, dict] | None = None) -> list[str]:
     """Markdown rows: each model's one-subject and two-subject metrics, the text-only twins and
     the decoder's ceiling."""
 
@@ -302,7 +298,7 @@ def figure(results: dict[str, dict], cases: int = 6):
     return sheet
 
 
-def pair_failures(results: dict[str, dict], ceiling: tuple[str, dict] | None = None) -> list[str]:
+def pair_failures(results: dict[str, dict], ceiling: tuple[str, dict, dict] | None = None) -> list[str]:
     """One line: how often the full model (and the decoder told in words) drew two objects, and
     gave one subject's colour to both; the ways a two-subject case fails."""
     shown = [("full", results["full"])] + ([("the decoder in words", ceiling[1])] if ceiling else [])
@@ -324,7 +320,7 @@ def target_check(metrics: dict, key: str, label: str, target: float) -> str:
 
 
 def write_report(results: dict[str, dict], jobs: dict[str, dict], memory_gb: float, wall_s: float,
-                 ceiling: tuple[str, dict] | None = None) -> str:
+                 ceiling: tuple[str, dict, dict] | None = None) -> str:
     rows = table(results, ceiling)
     full = results["full"]
     checks = [target_check(full, key, label, target) for key, (label, target) in TARGETS.items()]
@@ -335,6 +331,8 @@ def write_report(results: dict[str, dict], jobs: dict[str, dict], memory_gb: flo
              + ", ".join(f"{label} `{r['model']}`" for label, r in results.items())
              + (f", ceiling `{ceiling[0]}`" if ceiling else "") + ").", "", *rows, "",
              "Targets (full model): " + "; ".join(checks) + ".", "", *pair_failures(results, ceiling),
+             *shape_transfer.report(shape_transfer.model_shapes(full["out"], full["singles"]),
+                                    ceiling[2] if ceiling else None, full["singles"])[1], "",
              f"Wall time: {wall_s / 60:.1f} min in all" + (f" ({times})" if times else "")
              + f"; peak memory above the idle machine: {memory_gb:.1f} GB.", "",
              "![held-out cases: subject images, then each model's image](reproduce_mini.png)", "", END]
@@ -348,7 +346,7 @@ def write_report(results: dict[str, dict], jobs: dict[str, dict], memory_gb: flo
     return text
 
 
-def log_to_mlflow(text: str, results: dict[str, dict], ceiling: tuple[str, dict] | None = None) -> str:
+def log_to_mlflow(text: str, results: dict[str, dict], ceiling: tuple[str, dict, dict] | None = None) -> str:
     from kosmos_g.platform import tracking
 
     run_id, _ = tracking.start_run("bench", f"reproduce-mini-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -37,6 +37,7 @@ KINDS = ("single", "pair", "text")
 # What `score` reads from one image (a kind has a subset), in the order the scores table lists them.
 HITS = ("colour", "shape", "both_colours", "both_apart", "two_drawn", "copied_colour", "background",
         "subject_background")
+DRAWN_SHAPES = (*world.SHAPES, "none")  # what `drawn_shape` reads: a shape, or nothing drawn
 CHANCE = {"colour": 1 / len(world.COLOURS), "shape": 1 / len(world.SHAPES)}
 
 
@@ -157,13 +158,79 @@ def score(case: WorldCase, image: Image.Image) -> dict[str, float]:
             s.colour not in drawn and drawn.count(other.colour) >= 2
             for s, other in zip(case.subjects, reversed(case.subjects))))
     else:
-        largest = max(reading.objects, key=lambda o: o.area) if reading.objects else None
+        largest = _largest(reading)
         hits["colour"] = float(largest is not None and largest.colour == case.subjects[0].colour)
         hits["shape"] = float(largest is not None and largest.shape == case.subjects[0].shape)
         # The object drawn in the colour of the subject image's background: the model found the
         # crop's colours but not which of them is the object.
         hits["subject_background"] = float(largest is not None and largest.colour == case.subjects[0].shown_on)
     return hits
+
+
+def _largest(reading):
+    return max(reading.objects, key=lambda o: o.area) if reading.objects else None
+
+
+def drawn_shape(image: Image.Image) -> str:
+    """The shape of the largest object drawn (what `score` compares a single case's subject
+    with), or "none" when nothing is drawn."""
+    largest = _largest(read_scene(image))
+    return largest.shape if largest is not None else "none"
+
+
+def shape_breakdown(cases: Sequence[WorldCase], drawn: dict[str, dict[str, str]]) -> dict[str, float]:
+    """Where single-subject shapes are lost, as numbers. `drawn` maps a source's label to
+    {case key: `drawn_shape`} (the first source is the model under study, e.g. the image-prompted
+    Kosmos-G; a second, e.g. its decoder told the cases in words, is what it is paired with).
+    Keys: `<label>/<shape>` hit rates per asked shape and `<label>/all`; `confusion/<asked>/<drawn>`
+    case counts of the first source; with two sources `paired/<both|first_only|second_only|neither>`
+    counts and `paired/first_given_second` (the first's rate where the second drew the shape) and
+    `paired/first_without_second` (where it did not)."""
+    singles = [c for c in cases if c.kind == "single" and all(c.key in d for d in drawn.values())]
+    labels = list(drawn)
+    right = {label: {c.key: drawn[label][c.key] == c.subjects[0].shape for c in singles} for label in labels}
+    found: dict[str, float] = {"cases": float(len(singles))}
+    for label in labels:
+        for shape in (*world.SHAPES, "all"):
+            chosen = [c.key for c in singles if shape == "all" or c.subjects[0].shape == shape]
+            found[f"{label}/{shape}"] = float(np.mean([right[label][k] for k in chosen])) if chosen else float("nan")
+    for asked in world.SHAPES:
+        for shape in DRAWN_SHAPES:
+            found[f"confusion/{asked}/{shape}"] = float(sum(
+                c.subjects[0].shape == asked and drawn[labels[0]][c.key] == shape for c in singles))
+    if len(labels) > 1:
+        first, second = right[labels[0]], right[labels[1]]
+        counts = {"both": sum(first[k] and second[k] for k in first),
+                  "second_only": sum(second[k] and not first[k] for k in first),
+                  "first_only": sum(first[k] and not second[k] for k in first)}
+        counts["neither"] = len(first) - sum(counts.values())
+        found.update({f"paired/{name}": float(n) for name, n in counts.items()})
+        found["paired/first_given_second"] = counts["both"] / max(1, counts["both"] + counts["second_only"])
+        found["paired/first_without_second"] = counts["first_only"] / max(1, counts["first_only"] + counts["neither"])
+    return found
+
+
+def shape_report(breakdown: dict[str, float], labels: Sequence[str]) -> list[str]:
+    """`shape_breakdown` as markdown: per asked shape each source's rate, the first source's
+    confusion (asked → drawn), and the pairing of the first two sources by case."""
+    lines = ["| asked shape | cases | " + " | ".join(f"{label}: shape drawn" for label in labels) + " |",
+             "|---|---|" + "---|" * len(labels)]
+    for shape in (*world.SHAPES, "all"):
+        cases = breakdown["cases"] if shape == "all" else sum(breakdown[f"confusion/{shape}/{d}"] for d in DRAWN_SHAPES)
+        lines.append(f"| {shape} | {cases:.0f} | " + " | ".join(f"{breakdown[f'{label}/{shape}']:.2f}"
+                                                              for label in labels) + " |")
+    lines += ["", f"What {labels[0]} draws for each asked shape (cases):", "",
+              "| asked | " + " | ".join(f"drawn {d}" for d in DRAWN_SHAPES) + " |", "|---|" + "---|" * len(DRAWN_SHAPES)]
+    for asked in world.SHAPES:
+        lines.append(f"| {asked} | " + " | ".join(f"{breakdown[f'confusion/{asked}/{d}']:.0f}" for d in DRAWN_SHAPES)
+                     + " |")
+    if "paired/both" in breakdown:
+        b = {k.removeprefix("paired/"): v for k, v in breakdown.items() if k.startswith("paired/")}
+        lines += ["", f"Paired by case: both draw the shape in {b['both']:.0f}, only {labels[1]} in "
+                  f"{b['second_only']:.0f}, only {labels[0]} in {b['first_only']:.0f}, neither in {b['neither']:.0f}. "
+                  f"Where {labels[1]} draws the shape, {labels[0]} does in {b['first_given_second']:.2f}; where it "
+                  f"does not, in {b['first_without_second']:.2f}."]
+    return lines
 
 
 def summarise(scores: Sequence[dict]) -> dict[str, float]:

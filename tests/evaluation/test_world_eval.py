@@ -5,6 +5,9 @@ are what stage 3 trains on, and the scorer is exact on rendered answers; then
 from __future__ import annotations
 
 import csv
+import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,7 +105,7 @@ def test_subject_command_writes_a_prompt_image(tmp_path, capsys):
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_world_job_records_scores_per_model(s3_prefix, tmp_path, clip_dir):
+def test_world_job_records_scores_per_model(s3_prefix, tmp_path, clip_dir, capsys):
     from kosmos_g.models.checkpoint import save_servable
     from kosmos_g.models.config import model_preset
     from kosmos_g.models.kosmos_g import KosmosG
@@ -135,6 +138,23 @@ def test_world_job_records_scores_per_model(s3_prefix, tmp_path, clip_dir):
     assert all(r["two_drawn"] in ("0.0", "1.0") for r in scored if r["kind"] == "pair")
     grid = tracking.client().download_artifacts(run.info.run_id, "world/samples.png", str(tmp_path))
     assert Image.open(grid).size[1] == 8 * (128 + 34)  # every case of this small run drawn
+
+    # bench/shape_transfer.py reads the same images back from where the job printed it wrote them:
+    # its drawn shapes agree with the job's own shape hits.
+    out = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])["out"]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import shape_transfer
+
+    shapes = shape_transfer.model_shapes(out, 3)
+    singles = {r["key"]: r for r in scored if r["kind"] == "single"}
+    assert set(shapes) == set(singles) and set(shapes.values()) <= set(world_eval.DRAWN_SHAPES)
+    asked_cases = {case.key: case for case in world_eval.cases(3, 2)}
+    for key, row in singles.items():
+        asked = asked_cases[key].subjects[0].shape
+        assert (shapes[key] == asked) == (row["shape"] == "1.0")
+    breakdown, lines = shape_transfer.report(shapes, None, 3)
+    assert breakdown["cases"] == 3 and breakdown["full/all"] == np.mean([r["shape"] == "1.0" for r in singles.values()])
+    assert lines[0].startswith("| asked shape | cases | full: shape drawn |")
 
 
 def _palette_reader(swap: bool):
@@ -202,3 +222,43 @@ def test_rate_interval_is_wilsons_and_narrows_with_cases():
     wide, narrow = world_eval.rate_interval(0.8, 50), world_eval.rate_interval(0.8, 800)
     assert wide[0] < narrow[0] < 0.8 < narrow[1] < wide[1]
     assert world_eval.rate_interval(0.5, 0) == (0.0, 1.0)
+
+
+def test_shape_breakdown_reads_drawn_shapes_and_pairs_two_sources_by_case():
+    singles = [c for c in world_eval.cases(16, 2, seed=7) if c.kind != "text"]
+    subject_shapes = [c.subjects[0].shape for c in singles if c.kind == "single"]
+
+    def drawn_as(case, shape):
+        if shape == "none":
+            return world.Scene(case.background, ()).render(32)
+        subject = case.subjects[0]
+        return world.Scene(case.background, (world.WorldObject(subject.colour, shape, (4, 4, 30, 30)),)).render(32)
+
+    # The model draws every other single case's shape; the decoder in words every case but the last
+    # four, which the model draws as nothing, or wrongly.
+    model, decoder = {}, {}
+    for i, case in enumerate(c for c in singles if c.kind == "single"):
+        wrong = next(s for s in world.SHAPES if s != case.subjects[0].shape)
+        model[case.key] = world_eval.drawn_shape(drawn_as(case, case.subjects[0].shape if i % 2 == 0 else
+                                                          ("none" if i % 4 == 1 else wrong)))
+        decoder[case.key] = world_eval.drawn_shape(drawn_as(case, wrong if i >= 12 else case.subjects[0].shape))
+    assert sum(model[c.key] == c.subjects[0].shape for c in singles if c.kind == "single") == 8
+    found = world_eval.shape_breakdown(singles, {"full": model, "decoder in words": decoder})
+    assert found["cases"] == 16.0  # pairs are not shape cases
+    assert found["full/all"] == 0.5 and found["decoder in words/all"] == 0.75
+    for shape in world.SHAPES:
+        asked = [i for i, s in enumerate(subject_shapes) if s == shape]
+        if asked:
+            assert found[f"full/{shape}"] == np.mean([i % 2 == 0 for i in asked])
+            assert sum(found[f"confusion/{shape}/{d}"] for d in world_eval.DRAWN_SHAPES) == len(asked)
+            assert found[f"confusion/{shape}/none"] == sum(i % 4 == 1 for i in asked)
+    # Cases 0-11: the decoder right, the model on the even ones (6); 12-15: the decoder wrong, the model right on 12, 14.
+    assert (found["paired/both"], found["paired/second_only"], found["paired/first_only"], found["paired/neither"]) \
+        == (6.0, 6.0, 2.0, 2.0)
+    assert found["paired/first_given_second"] == 0.5 and found["paired/first_without_second"] == 0.5
+    lines = world_eval.shape_report(found, ["full", "decoder in words"])
+    assert "| all | 16 | 0.50 | 0.75 |" in lines
+    assert any(line.startswith("Paired by case: both draw the shape in 6,") for line in lines)
+    # One source alone: no pairing.
+    alone = world_eval.shape_breakdown(singles, {"full": model})
+    assert "paired/both" not in alone and not any("Paired" in line for line in world_eval.shape_report(alone, ["full"]))

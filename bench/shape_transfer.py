@@ -1,0 +1,111 @@
+"""Where the image-prompted model loses a subject's shape, on the world evaluation's held-out
+single-subject cases: per asked shape, how often the stage-3 model draws it from the subject image
+and how often its frozen mini decoder draws it when told the case in words; what the model draws
+instead; and the two paired case by case (is the model right where the decoder is, or at random?).
+
+    kosmos-g local up && eval "$(kosmos-g local env)"
+    .venv/bin/python bench/shape_transfer.py                          # models:/kosmos-g/latest
+    .venv/bin/python bench/shape_transfer.py --model models:/kosmos-g/2 --images s3://…/kosmos-g-2
+
+Without `--images` it runs the world evaluation first (`pipelines/evaluate.py --preset world`, as
+bench/reproduce_mini.py does, so its images are reused when they exist); `--images` reads an
+evaluation's generated images (the `out` its last line prints). The decoder is the one the model's
+stage-3 run trained through, sampled as bench/mini_sweep.py's ceiling is (DDIM 25 steps, guidance 4).
+Prints markdown tables and logs them, with the numbers, to an MLflow run of the `bench` experiment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def model_shapes(images: str, singles: int) -> dict[str, str]:
+    """{case key: drawn shape} of the single-subject cases an evaluation drew under `images`."""
+    from kosmos_g.pipelines.generate import done_keys, image_uri
+    from kosmos_g.platform.evaluation import world as world_eval
+    from kosmos_g.platform.evaluation.grid import open_image
+
+    written = done_keys(images)
+    return {case.key: world_eval.drawn_shape(open_image(image_uri(images, case.key)))
+            for case in world_eval.cases(singles, 0) if case.kind == "single" and case.key in written}
+
+
+def decoder_reading(decoder_uri: str, singles: int, threads: int = 2) -> tuple[dict[str, float], dict[str, str]]:
+    """The decoder told the evaluation's cases in words: (world metrics, {single case key: drawn
+    shape}), from one set of pictures."""
+    import mini_sweep
+    import torch
+
+    from kosmos_g.platform.evaluation import world as world_eval
+
+    torch.set_num_threads(threads)
+    pictures = mini_sweep.case_pictures(mini_sweep.load_decoder(decoder_uri), singles)
+    metrics = world_eval.summarise([{"kind": case.kind, **world_eval.score(case, picture)} for case, picture in pictures])
+    return metrics, {case.key: world_eval.drawn_shape(picture) for case, picture in pictures if case.kind == "single"}
+
+
+def report(model: dict[str, str], decoder: dict[str, str] | None, singles: int) -> tuple[dict[str, float], list[str]]:
+    """(`world.shape_breakdown` numbers, markdown lines) of the model's shapes, paired with the
+    decoder's in words when given."""
+    from kosmos_g.platform.evaluation import world as world_eval
+
+    drawn = {"full": model, **({"the decoder in words": decoder} if decoder else {})}
+    breakdown = world_eval.shape_breakdown(world_eval.cases(singles, 0), drawn)
+    return breakdown, world_eval.shape_report(breakdown, list(drawn))
+
+
+def decoder_of(model_uri: str) -> str:
+    """The decoder URI the model's training run was given (`model.image_decoder.pretrained_path`)."""
+    from kosmos_g.platform import tracking
+
+    name, version = tracking.pin_model_uri(model_uri).removeprefix("models:/").split("/")
+    run = tracking.client().get_run(tracking.client().get_model_version(name, version).run_id)
+    return run.data.params.get("model.image_decoder.pretrained_path", "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="models:/kosmos-g/latest")
+    parser.add_argument("--singles", type=int, default=200)
+    parser.add_argument("--images", help="an evaluation's generated images (skip the evaluation)")
+    args = parser.parse_args(argv)
+    if not os.environ.get("RAY_ADDRESS") or not os.environ.get("MLFLOW_TRACKING_URI"):
+        print('error: run `kosmos-g local up` and `eval "$(kosmos-g local env)"` first', file=sys.stderr)
+        return 2
+    from kosmos_g.platform import tracking
+
+    model_uri = tracking.pin_model_uri(args.model)
+    images = args.images
+    if not images:
+        from reproduce_mini import submit
+
+        images = submit("evaluate_shapes", "pipelines/evaluate.py", [
+            "--preset", "world", "--model", model_uri, "--set", f"singles={args.singles}", "--set", "pairs=0"])["out"]
+    model = model_shapes(images, args.singles)
+    if not model:
+        print(f"error: no generated single-subject case under {images}", file=sys.stderr)
+        return 1
+    decoder_uri = decoder_of(model_uri)
+    decoder = decoder_reading(decoder_uri, args.singles)[1] if decoder_uri.startswith("models:/") else None
+    breakdown, lines = report(model, decoder, args.singles)
+    text = "\n".join([f"Shapes of {model_uri} (images {images})"
+                      + (f" and of its decoder `{decoder_uri}` told the cases in words" if decoder else "") + ":",
+                      "", *lines])
+    print(text, flush=True)
+    run_id, _ = tracking.start_run("bench", f"shape-transfer-{time.strftime('%Y%m%d-%H%M%S')}",
+                                   tags={"model": model_uri})
+    tracking.log_metrics(run_id, {k.replace(" ", "_"): v for k, v in breakdown.items() if v == v}, 0)
+    tracking.log_text(run_id, text, "shape_transfer.md")
+    tracking.end_run(run_id)
+    print(f"[shape_transfer] MLflow run {run_id}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
