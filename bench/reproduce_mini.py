@@ -307,6 +307,16 @@ def pair_failures(results: dict[str, dict], ceiling: tuple[str, dict, dict] | No
     return ["Two subjects, how they fail: " + "; ".join(parts) + ".", ""] if parts else []
 
 
+def shape_lines(full: dict, ceiling: tuple[str, dict, dict] | None) -> list[str]:
+    """Where one subject's shape is lost (bench/shape_transfer.py): the full model's shapes per
+    asked shape, beside its decoder's told the cases in words and its VAE's on the answers."""
+    drawn = {"full": shape_transfer.model_shapes(full["out"], full["singles"])}
+    if ceiling:
+        drawn["the decoder in words"] = ceiling[2]
+        drawn["its VAE on the answer"] = shape_transfer.vae_reading(ceiling[0], full["singles"])
+    return [*shape_transfer.report(drawn, full["singles"])[1], ""]
+
+
 def target_check(metrics: dict, key: str, label: str, target: float) -> str:
     """`its shape 0.615 (95%: 0.55–0.68 over 200 cases; target ≥ 0.6: met)`: the
     interval is the evaluation's sampling alone (`rate_interval`)."""
@@ -331,8 +341,7 @@ def write_report(results: dict[str, dict], jobs: dict[str, dict], memory_gb: flo
              + ", ".join(f"{label} `{r['model']}`" for label, r in results.items())
              + (f", ceiling `{ceiling[0]}`" if ceiling else "") + ").", "", *rows, "",
              "Targets (full model): " + "; ".join(checks) + ".", "", *pair_failures(results, ceiling),
-             *shape_transfer.report(shape_transfer.model_shapes(full["out"], full["singles"]),
-                                    ceiling[2] if ceiling else None, full["singles"])[1], "",
+             *shape_lines(full, ceiling),
              f"Wall time: {wall_s / 60:.1f} min in all" + (f" ({times})" if times else "")
              + f"; peak memory above the idle machine: {memory_gb:.1f} GB.", "",
              "![held-out cases: subject images, then each model's image](reproduce_mini.png)", "", END]

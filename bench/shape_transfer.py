@@ -6,11 +6,13 @@ instead; and the two paired case by case (is the model right where the decoder i
     kosmos-g local up && eval "$(kosmos-g local env)"
     .venv/bin/python bench/shape_transfer.py                          # models:/kosmos-g/latest
     .venv/bin/python bench/shape_transfer.py --model models:/kosmos-g/2 --images s3://…/kosmos-g-2
+    .venv/bin/python bench/shape_transfer.py --decoder-only models:/kosmos-g-mini-decoder/1
 
 Without `--images` it runs the world evaluation first (`pipelines/evaluate.py --preset world`, as
 bench/reproduce_mini.py does, so its images are reused when they exist); `--images` reads an
 evaluation's generated images (the `out` its last line prints). The decoder is the one the model's
-stage-3 run trained through, sampled as bench/mini_sweep.py's ceiling is (DDIM 25 steps, guidance 4).
+stage-3 run trained through, sampled as bench/mini_sweep.py's ceiling is (DDIM 25 steps, guidance 4);
+`--decoder-only` reads a mini decoder alone, before any Kosmos-G model is trained on it.
 Prints markdown tables and logs them, with the numbers, to an MLflow run of the `bench` experiment.
 """
 
@@ -50,14 +52,44 @@ def decoder_reading(decoder_uri: str, singles: int, threads: int = 2) -> tuple[d
     return metrics, {case.key: world_eval.drawn_shape(picture) for case, picture in pictures if case.kind == "single"}
 
 
-def report(model: dict[str, str], decoder: dict[str, str] | None, singles: int) -> tuple[dict[str, float], list[str]]:
-    """(`world.shape_breakdown` numbers, markdown lines) of the model's shapes, paired with the
-    decoder's in words when given."""
+def vae_reading(decoder_uri: str, singles: int, threads: int = 2) -> dict[str, str]:
+    """{single case key: drawn shape} of each case's answer (`world.answer_scene`, prepared as the
+    decoder job prepares its scenes) through the decoder's VAE alone: the shapes its autoencoder
+    keeps, a cap on anything drawn through it."""
+    import mini_sweep
+    import torch
+    from PIL import Image
+
+    from kosmos_g.models.images import vae_preprocess
     from kosmos_g.platform.evaluation import world as world_eval
 
-    drawn = {"full": model, **({"the decoder in words": decoder} if decoder else {})}
+    torch.set_num_threads(threads)
+    _, vae, _, _ = mini_sweep.load_decoder(decoder_uri)
+    size = vae.config.sample_size
+    cases = [case for case in world_eval.cases(singles, 0) if case.kind == "single"]
+    pixels = torch.stack([vae_preprocess(world_eval.answer_scene(case).render(), size) for case in cases])
+    with torch.no_grad():
+        rebuilt = vae.decode(mini_sweep.encode_latents(vae, pixels)).sample.clamp(-1, 1)
+    return {case.key: world_eval.drawn_shape(Image.fromarray(mini_sweep.to_uint8(image)))
+            for case, image in zip(cases, rebuilt)}
+
+
+def report(drawn: dict[str, dict[str, str]], singles: int) -> tuple[dict[str, float], list[str]]:
+    """(`world.shape_breakdown` numbers, markdown lines) of each source's {case key: drawn shape},
+    the first paired with the second when there are two."""
+    from kosmos_g.platform.evaluation import world as world_eval
+
     breakdown = world_eval.shape_breakdown(world_eval.cases(singles, 0), drawn)
     return breakdown, world_eval.shape_report(breakdown, list(drawn))
+
+
+def evaluate(model_uri: str, singles: int) -> str:
+    """The world evaluation's single-subject cases for the model (`pipelines/evaluate.py`, which
+    keeps images it drew before); where its images are."""
+    from reproduce_mini import submit
+
+    return submit("evaluate_shapes", "pipelines/evaluate.py", [
+        "--preset", "world", "--model", model_uri, "--set", f"singles={singles}", "--set", "pairs=0"])["out"]
 
 
 def decoder_of(model_uri: str) -> str:
@@ -74,29 +106,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="models:/kosmos-g/latest")
     parser.add_argument("--singles", type=int, default=200)
     parser.add_argument("--images", help="an evaluation's generated images (skip the evaluation)")
+    parser.add_argument("--decoder-only", metavar="URI", help="no Kosmos-G model: this mini decoder told the cases "
+                                                              "in words, alone (e.g. models:/kosmos-g-mini-decoder/1)")
     args = parser.parse_args(argv)
     if not os.environ.get("RAY_ADDRESS") or not os.environ.get("MLFLOW_TRACKING_URI"):
         print('error: run `kosmos-g local up` and `eval "$(kosmos-g local env)"` first', file=sys.stderr)
         return 2
     from kosmos_g.platform import tracking
 
-    model_uri = tracking.pin_model_uri(args.model)
-    images = args.images
-    if not images:
-        from reproduce_mini import submit
-
-        images = submit("evaluate_shapes", "pipelines/evaluate.py", [
-            "--preset", "world", "--model", model_uri, "--set", f"singles={args.singles}", "--set", "pairs=0"])["out"]
-    model = model_shapes(images, args.singles)
-    if not model:
-        print(f"error: no generated single-subject case under {images}", file=sys.stderr)
-        return 1
-    decoder_uri = decoder_of(model_uri)
-    decoder = decoder_reading(decoder_uri, args.singles)[1] if decoder_uri.startswith("models:/") else None
-    breakdown, lines = report(model, decoder, args.singles)
-    text = "\n".join([f"Shapes of {model_uri} (images {images})"
-                      + (f" and of its decoder `{decoder_uri}` told the cases in words" if decoder else "") + ":",
-                      "", *lines])
+    if args.decoder_only:  # the decoder alone: where it loses shapes told in words
+        model_uri = decoder_uri = tracking.pin_model_uri(args.decoder_only)
+        drawn, images = {"the decoder in words": decoder_reading(decoder_uri, args.singles)[1]}, None
+        drawn["its VAE on the answer"] = vae_reading(decoder_uri, args.singles)
+    else:
+        model_uri = tracking.pin_model_uri(args.model)
+        images = args.images or evaluate(model_uri, args.singles)
+        model = model_shapes(images, args.singles)
+        if not model:
+            print(f"error: no generated single-subject case under {images}", file=sys.stderr)
+            return 1
+        decoder_uri = decoder_of(model_uri)
+        drawn = {"full": model}
+        if decoder_uri.startswith("models:/"):
+            drawn["the decoder in words"] = decoder_reading(decoder_uri, args.singles)[1]
+            drawn["its VAE on the answer"] = vae_reading(decoder_uri, args.singles)
+    breakdown, lines = report(drawn, args.singles)
+    text = "\n".join([f"Shapes of `{model_uri}`" + (f" (images {images})" if images else " told the cases in words")
+                      + (f", paired with its decoder `{decoder_uri}` told the cases in words" if len(drawn) > 1 else "")
+                      + ":", "", *lines])
     print(text, flush=True)
     run_id, _ = tracking.start_run("bench", f"shape-transfer-{time.strftime('%Y%m%d-%H%M%S')}",
                                    tags={"model": model_uri})

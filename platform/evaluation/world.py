@@ -127,6 +127,17 @@ def subject_image(subject: Subject, seed: int, size: int = world.SIZE) -> Image.
     return crop
 
 
+def answer_scene(case: WorldCase) -> world.Scene:
+    """A scene that fulfils a single-subject case (its subject on the asked background; size and
+    place drawn from the case's seed): what a perfect generation would show."""
+    rng = np.random.default_rng(case.seed)
+    side = int(rng.integers(world.MIN_OBJECT, world.MAX_OBJECT + 1))
+    left, top = (int(v) for v in rng.integers(0, world.SIZE - side + 1, size=2))
+    subject = case.subjects[0]
+    return world.Scene(case.background, (world.WorldObject(subject.colour, subject.shape,
+                                                           (left, top, left + side, top + side)),))
+
+
 def subject_seed(case: WorldCase, index: int) -> int:
     return case.seed * 10 + index
 

@@ -152,7 +152,7 @@ def test_world_job_records_scores_per_model(s3_prefix, tmp_path, clip_dir, capsy
     for key, row in singles.items():
         asked = asked_cases[key].subjects[0].shape
         assert (shapes[key] == asked) == (row["shape"] == "1.0")
-    breakdown, lines = shape_transfer.report(shapes, None, 3)
+    breakdown, lines = shape_transfer.report({"full": shapes}, 3)
     assert breakdown["cases"] == 3 and breakdown["full/all"] == np.mean([r["shape"] == "1.0" for r in singles.values()])
     assert lines[0].startswith("| asked shape | cases | full: shape drawn |")
 
@@ -243,6 +243,12 @@ def test_shape_breakdown_reads_drawn_shapes_and_pairs_two_sources_by_case():
                                                           ("none" if i % 4 == 1 else wrong)))
         decoder[case.key] = world_eval.drawn_shape(drawn_as(case, wrong if i >= 12 else case.subjects[0].shape))
     assert sum(model[c.key] == c.subjects[0].shape for c in singles if c.kind == "single") == 8
+    for case in (c for c in singles if c.kind == "single"):  # a perfect generation, as the VAE check draws it
+        answer = world_eval.answer_scene(case)
+        assert answer == world_eval.answer_scene(case) and answer.background == case.background
+        assert world_eval.drawn_shape(answer.render(32)) == case.subjects[0].shape
+        hits = world_eval.score(case, answer.render(32))
+        assert (hits["colour"], hits["shape"], hits["background"]) == (1.0, 1.0, 1.0)
     found = world_eval.shape_breakdown(singles, {"full": model, "decoder in words": decoder})
     assert found["cases"] == 16.0  # pairs are not shape cases
     assert found["full/all"] == 0.5 and found["decoder in words/all"] == 0.75
