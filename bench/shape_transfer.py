@@ -131,9 +131,11 @@ def main(argv: list[str] | None = None) -> int:
             drawn["the decoder in words"] = decoder_reading(decoder_uri, args.singles)[1]
             drawn["its VAE on the answer"] = vae_reading(decoder_uri, args.singles)
     breakdown, lines = report(drawn, args.singles)
-    text = "\n".join([f"Shapes of `{model_uri}`" + (f" (images {images})" if images else " told the cases in words")
-                      + (f", paired with its decoder `{decoder_uri}` told the cases in words" if len(drawn) > 1 else "")
-                      + ":", "", *lines])
+    sources = [f"`{model_uri}` (images {images})"] if images else []
+    if "the decoder in words" in drawn:
+        sources += [f"the decoder `{decoder_uri}` told the cases in words", "its VAE on each case's answer"]
+    text = "\n".join([f"Held-out single-subject shapes ({len(next(iter(drawn.values())))} cases): " + "; ".join(sources)
+                      + ".", "", *lines])
     print(text, flush=True)
     run_id, _ = tracking.start_run("bench", f"shape-transfer-{time.strftime('%Y%m%d-%H%M%S')}",
                                    tags={"model": model_uri})
