@@ -224,16 +224,17 @@ def evaluate(models: dict[str, str], singles: int, pairs: int) -> dict[str, dict
 
 
 def decoder_ceiling(model_uri: str, singles: int) -> tuple[str, dict, dict] | None:
-    """(decoder URI, metrics, {single case key: drawn shape}) of the mini decoder `model_uri` was
-    trained on, prompted with the evaluation's own held-out cases in words (`a red star on a purple
+    """(decoder URI, metrics, its shape readings) of the mini decoder `model_uri` was trained on,
+    prompted with the evaluation's own held-out cases in words (`a red star on a purple
     background`): what the frozen decoder draws when told exactly, the most the image-prompted
-    model can be expected to reach."""
+    model can be expected to reach; the readings also hold its VAE's on each case's answer
+    (`shape_transfer.decoder_readings`)."""
     decoder = shape_transfer.decoder_of(model_uri)
     if not decoder.startswith("models:/"):
         print(f"[reproduce] {model_uri} names no registered decoder ({decoder!r}): no ceiling row", flush=True)
         return None
     print(f"[reproduce] {decoder} prompted with the held-out cases in words", flush=True)
-    return (decoder, *shape_transfer.decoder_reading(decoder, singles))
+    return (decoder, *shape_transfer.decoder_readings(decoder, singles))
 
 
 def table(results: dict[str, dict], ceiling: tuple[str, dict, dict] | None = None) -> list[str]:
@@ -310,10 +311,7 @@ def pair_failures(results: dict[str, dict], ceiling: tuple[str, dict, dict] | No
 def shape_lines(full: dict, ceiling: tuple[str, dict, dict] | None) -> list[str]:
     """Where one subject's shape is lost (bench/shape_transfer.py): the full model's shapes per
     asked shape, beside its decoder's told the cases in words and its VAE's on the answers."""
-    drawn = {"full": shape_transfer.model_shapes(full["out"], full["singles"])}
-    if ceiling:
-        drawn["the decoder in words"] = ceiling[2]
-        drawn["its VAE on the answer"] = shape_transfer.vae_reading(ceiling[0], full["singles"])
+    drawn = {"full": shape_transfer.model_shapes(full["out"], full["singles"]), **(ceiling[2] if ceiling else {})}
     return [*shape_transfer.report(drawn, full["singles"])[1], ""]
 
 

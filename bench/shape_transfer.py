@@ -38,24 +38,12 @@ def model_shapes(images: str, singles: int) -> dict[str, str]:
             for case in world_eval.cases(singles, 0) if case.kind == "single" and case.key in written}
 
 
-def decoder_reading(decoder_uri: str, singles: int, threads: int = 2) -> tuple[dict[str, float], dict[str, str]]:
-    """The decoder told the evaluation's cases in words: (world metrics, {single case key: drawn
-    shape}), from one set of pictures."""
-    import mini_sweep
-    import torch
-
-    from kosmos_g.platform.evaluation import world as world_eval
-
-    torch.set_num_threads(threads)
-    pictures = mini_sweep.case_pictures(mini_sweep.load_decoder(decoder_uri), singles)
-    metrics = world_eval.summarise([{"kind": case.kind, **world_eval.score(case, picture)} for case, picture in pictures])
-    return metrics, {case.key: world_eval.drawn_shape(picture) for case, picture in pictures if case.kind == "single"}
-
-
-def vae_reading(decoder_uri: str, singles: int, threads: int = 2) -> dict[str, str]:
-    """{single case key: drawn shape} of each case's answer (`world.answer_scene`, prepared as the
-    decoder job prepares its scenes) through the decoder's VAE alone: the shapes its autoencoder
-    keeps, a cap on anything drawn through it."""
+def decoder_readings(decoder_uri: str, singles: int, threads: int = 2) -> tuple[dict[str, float], dict[str, dict]]:
+    """One load of a mini decoder, read two ways on the evaluation's cases: (world metrics of the
+    decoder told the cases in words, {"the decoder in words": {single case key: drawn shape},
+    "its VAE on the answer": {…}}). The second source is each case's answer
+    (`world.answer_scene`, prepared as the decoder job prepares its scenes) through the VAE alone:
+    the shapes its autoencoder keeps, a cap on anything drawn through it."""
     import mini_sweep
     import torch
     from PIL import Image
@@ -64,14 +52,19 @@ def vae_reading(decoder_uri: str, singles: int, threads: int = 2) -> dict[str, s
     from kosmos_g.platform.evaluation import world as world_eval
 
     torch.set_num_threads(threads)
-    _, vae, _, _ = mini_sweep.load_decoder(decoder_uri)
-    size = vae.config.sample_size
+    decoder = mini_sweep.load_decoder(decoder_uri)
+    pictures = mini_sweep.case_pictures(decoder, singles)
+    metrics = world_eval.summarise([{"kind": case.kind, **world_eval.score(case, picture)} for case, picture in pictures])
+    in_words = {case.key: world_eval.drawn_shape(picture) for case, picture in pictures if case.kind == "single"}
+    vae = decoder[1]
     cases = [case for case in world_eval.cases(singles, 0) if case.kind == "single"]
-    pixels = torch.stack([vae_preprocess(world_eval.answer_scene(case).render(), size) for case in cases])
+    pixels = torch.stack([vae_preprocess(world_eval.answer_scene(case).render(), vae.config.sample_size)
+                          for case in cases])
     with torch.no_grad():
         rebuilt = vae.decode(mini_sweep.encode_latents(vae, pixels)).sample.clamp(-1, 1)
-    return {case.key: world_eval.drawn_shape(Image.fromarray(mini_sweep.to_uint8(image)))
-            for case, image in zip(cases, rebuilt)}
+    through_vae = {case.key: world_eval.drawn_shape(Image.fromarray(mini_sweep.to_uint8(image)))
+                   for case, image in zip(cases, rebuilt)}
+    return metrics, {"the decoder in words": in_words, "its VAE on the answer": through_vae}
 
 
 def report(drawn: dict[str, dict[str, str]], singles: int) -> tuple[dict[str, float], list[str]]:
@@ -116,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.decoder_only:  # the decoder alone: where it loses shapes told in words
         model_uri = decoder_uri = tracking.pin_model_uri(args.decoder_only)
-        drawn, images = {"the decoder in words": decoder_reading(decoder_uri, args.singles)[1]}, None
-        drawn["its VAE on the answer"] = vae_reading(decoder_uri, args.singles)
+        drawn, images = decoder_readings(decoder_uri, args.singles)[1], None
     else:
         model_uri = tracking.pin_model_uri(args.model)
         images = args.images or evaluate(model_uri, args.singles)
@@ -128,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         decoder_uri = decoder_of(model_uri)
         drawn = {"full": model}
         if decoder_uri.startswith("models:/"):
-            drawn["the decoder in words"] = decoder_reading(decoder_uri, args.singles)[1]
-            drawn["its VAE on the answer"] = vae_reading(decoder_uri, args.singles)
+            drawn.update(decoder_readings(decoder_uri, args.singles)[1])
     breakdown, lines = report(drawn, args.singles)
     sources = [f"`{model_uri}` (images {images})"] if images else []
     if "the decoder in words" in drawn:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +104,7 @@ def test_subject_command_writes_a_prompt_image(tmp_path, capsys):
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_world_job_records_scores_per_model(s3_prefix, tmp_path, clip_dir, capsys):
+def test_world_job_records_scores_per_model(s3_prefix, tmp_path, clip_dir, capsys, monkeypatch):
     from kosmos_g.models.checkpoint import save_servable
     from kosmos_g.models.config import model_preset
     from kosmos_g.models.kosmos_g import KosmosG
@@ -142,7 +141,7 @@ def test_world_job_records_scores_per_model(s3_prefix, tmp_path, clip_dir, capsy
     # bench/shape_transfer.py reads the same images back from where the job printed it wrote them:
     # its drawn shapes agree with the job's own shape hits.
     out = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])["out"]
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench"))
     import shape_transfer
 
     shapes = shape_transfer.model_shapes(out, 3)
