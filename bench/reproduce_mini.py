@@ -37,6 +37,8 @@ import threading
 import time
 from pathlib import Path
 
+from ray.job_submission import JobSubmissionClient
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import shape_transfer  # noqa: E402
@@ -81,8 +83,10 @@ def submit(step: str, script: str, args: list[str]) -> dict:
     the JSON summary line the job prints last and the wall time."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     # The local stack's head runs entrypoints from the checkout (no upload), as the README's commands do.
-    command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--", "python", script, *args]
-    print(f"[reproduce] {step}: {' '.join(command[4:])}", flush=True)
+    submission_id = f"reproduce-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--submission-id", submission_id,
+               "--", "python", script, *args]
+    print(f"[reproduce] {step}: {' '.join(command[6:])}", flush=True)
     started, summary, reused = time.monotonic(), {}, None
     with open(RESULTS / f"{step}.log", "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -98,8 +102,11 @@ def submit(step: str, script: str, args: list[str]) -> dict:
                 print(f"  {text[:160]}", flush=True)
             if match := REUSED.search(text):
                 reused = match.group(1)  # kept apart: a stage's JSON summary comes after this line
-        if process.wait() != 0:
-            raise SystemExit(f"[reproduce] {step} failed (exit {process.returncode}); see {RESULTS / step}.log")
+        process.wait()
+    # `ray job submit` exits 0 for a job that was stopped, not only for one that succeeded.
+    status = JobSubmissionClient().get_job_status(submission_id).value if process.returncode == 0 else "FAILED"
+    if process.returncode != 0 or status != "SUCCEEDED":
+        raise SystemExit(f"[reproduce] {step} ended {status} (exit {process.returncode}); see {RESULTS / step}.log")
     summary["wall_s"] = time.monotonic() - started
     if reused:
         summary["reused"], summary["trained_s"] = reused, trained_seconds(reused)

@@ -13,17 +13,19 @@ bash infra/local/setup.sh
 eval "$(.venv/bin/kosmos-g local env)"
 export PATH="$PWD/.venv/bin:$PATH"
 
+source infra/local/submit.sh  # submit: `ray job submit` that fails on a stopped job too
+
 if [[ "${1:-}" == "--tiny" ]]; then
     shift
-    ray job submit -- python pipelines/instruct.py --preset tiny "$@"
+    submit python pipelines/instruct.py --preset tiny "$@"
 else
-    ray job submit -- python pipelines/mini_clip.py --preset mini
-    ray job submit -- python pipelines/mini_text_clip.py --preset mini
-    ray job submit -- python pipelines/mini_decoder.py --preset mini
-    ray job submit -- python pipelines/construct.py --preset world
-    ray job submit -- python pipelines/pretrain.py --preset mini
-    ray job submit -- python pipelines/align.py --preset mini
-    ray job submit -- python pipelines/instruct.py --preset mini "$@"
+    submit python pipelines/mini_clip.py --preset mini
+    submit python pipelines/mini_text_clip.py --preset mini
+    submit python pipelines/mini_decoder.py --preset mini
+    submit python pipelines/construct.py --preset world
+    submit python pipelines/pretrain.py --preset mini
+    submit python pipelines/align.py --preset mini
+    submit python pipelines/instruct.py --preset mini "$@"
 fi
 
 echo

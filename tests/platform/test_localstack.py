@@ -53,6 +53,34 @@ def _serve_deploy_the_shipped_config(tmp_path, env):
     assert shutdown.returncode == 0, shutdown.stderr[-2000:]
 
 
+def _submit_fails_on_a_stopped_job(env):
+    """infra/local/submit.sh (main-job.sh's `submit`): a job that succeeds passes; one stopped
+    mid-run fails the call, where `ray job submit` alone exits 0 for it."""
+    import re
+
+    env = {**env, "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}"}
+
+    def submit(code: str) -> subprocess.Popen:
+        return subprocess.Popen(["bash", "-c", f'source infra/local/submit.sh && submit python -c "{code}"'],
+                                cwd=REPO_ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    done = submit("print('probe-' + str(2 + 2))")
+    output = done.communicate(timeout=300)[0]
+    assert done.returncode == 0 and "probe-4" in output, output[-2000:]
+
+    sleeper, lines = submit("import time; time.sleep(300)"), []
+    for line in sleeper.stdout:
+        lines.append(line)
+        if found := re.search(r"Job '(kosmos-g-[\w-]+)' submitted successfully", line):
+            break
+    assert found, "".join(lines)[-2000:]
+    stop = subprocess.run([RAY, "job", "stop", found.group(1)], capture_output=True, text=True, timeout=120, env=env)
+    assert stop.returncode == 0, stop.stderr[-2000:]
+    output = "".join(lines) + sleeper.communicate(timeout=300)[0]
+    assert sleeper.returncode == 1 and f"job {found.group(1)} (python -c" in output and "ended STOPPED" in output, \
+        output[-2000:]
+
+
 def test_up_status_submit_down(tmp_path):
     state = tmp_path / "state"
     overrides = ["--state-dir", str(state), *port_overrides()]
@@ -108,6 +136,7 @@ def test_up_status_submit_down(tmp_path):
         assert any(" server " in command and "mlflow" in command for command in commands), commands
         assert [command for command in commands if "huey" in command] == []
 
+        _submit_fails_on_a_stopped_job({**base_env, **exported})
         _serve_deploy_the_shipped_config(tmp_path, {**base_env, **exported})
 
         # Without the token the job server refuses the client.
