@@ -34,7 +34,7 @@ def model_shapes(images: str, singles: int) -> dict[str, str]:
     from kosmos_g.platform.evaluation.grid import open_image
 
     written = done_keys(images)
-    return {case.key: world_eval.drawn_shape(open_image(image_uri(images, case.key)))
+    return {case.key: world_eval.read_case(case, open_image(image_uri(images, case.key))).drawn_shape
             for case in world_eval.cases(singles, 0) if case.kind == "single" and case.key in written}
 
 
@@ -54,15 +54,16 @@ def decoder_readings(decoder_uri: str, singles: int, threads: int = 2) -> tuple[
     torch.set_num_threads(threads)
     decoder = mini_sweep.load_decoder(decoder_uri)
     pictures = mini_sweep.case_pictures(decoder, singles)
-    metrics = world_eval.summarise([{"kind": case.kind, **world_eval.score(case, picture)} for case, picture in pictures])
-    in_words = {case.key: world_eval.drawn_shape(picture) for case, picture in pictures if case.kind == "single"}
+    readings = [(case, world_eval.read_case(case, picture)) for case, picture in pictures]
+    metrics = world_eval.summarise([{"kind": case.kind, **reading.hits} for case, reading in readings])
+    in_words = {case.key: reading.drawn_shape for case, reading in readings if case.kind == "single"}
     vae = decoder[1]
     cases = [case for case in world_eval.cases(singles, 0) if case.kind == "single"]
     pixels = torch.stack([vae_preprocess(world_eval.answer_scene(case).render(), vae.config.sample_size)
                           for case in cases])
     with torch.no_grad():
         rebuilt = vae.decode(mini_sweep.encode_latents(vae, pixels)).sample.clamp(-1, 1)
-    through_vae = {case.key: world_eval.drawn_shape(Image.fromarray(mini_sweep.to_uint8(image)))
+    through_vae = {case.key: world_eval.read_case(case, Image.fromarray(mini_sweep.to_uint8(image))).drawn_shape
                    for case, image in zip(cases, rebuilt)}
     return metrics, {"the decoder in words": in_words, "its VAE on the answer": through_vae}
 

@@ -215,7 +215,7 @@ class WorldScorer:
 
         cases = [world_eval.from_json(text) for text in batch["case"]]
         generated = [open_image(uri) for uri in batch["image_uri"]]
-        hits = [world_eval.score(case, image) for case, image in zip(cases, generated)]
+        readings = [world_eval.read_case(case, image) for case, image in zip(cases, generated)]
         # CLIP-I against each subject image (the text-only case: the subject it never saw), averaged.
         references = [json.loads(text) for text in batch["references"]]
         clip_i = [float(np.mean(self.clip.image_scores([image] * len(refs), [open_image(r) for r in refs])))
@@ -223,7 +223,8 @@ class WorldScorer:
         out = {**batch, "clip_i": np.array(clip_i),
                "clip_t": np.array(self.clip.text_scores(generated, [case.text for case in cases]))}
         for name in world_eval.HITS:
-            out[name] = np.array([h.get(name, np.nan) for h in hits])
+            out[name] = np.array([r.hits.get(name, np.nan) for r in readings])
+        out["drawn_shape"] = np.array([r.drawn_shape for r in readings])
         return out
 
 
@@ -301,7 +302,7 @@ def _log_world_artifacts(run_id: str, scores: list[dict[str, Any]]) -> None:
     from kosmos_g.platform import tracking
     from kosmos_g.platform.evaluation import world as world_eval
 
-    columns = ("key", "kind", "prompt", "text", *world_eval.HITS, "clip_i", "clip_t")
+    columns = ("key", "kind", "prompt", "text", *world_eval.HITS, "drawn_shape", "clip_i", "clip_t")
     with tempfile.TemporaryDirectory() as staging:
         path = os.path.join(staging, "scores.csv")
         with open(path, "w", newline="") as handle:

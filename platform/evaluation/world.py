@@ -37,7 +37,7 @@ KINDS = ("single", "pair", "text")
 # What `score` reads from one image (a kind has a subset), in the order the scores table lists them.
 HITS = ("colour", "shape", "both_colours", "both_apart", "two_drawn", "copied_colour", "background",
         "subject_background")
-DRAWN_SHAPES = (*world.SHAPES, "none")  # what `drawn_shape` reads: a shape, or nothing drawn
+DRAWN_SHAPES = (*world.SHAPES, "none")  # what `CaseReading.drawn_shape` reads: a shape, or nothing drawn
 CHANCE = {"colour": 1 / len(world.COLOURS), "shape": 1 / len(world.SHAPES)}
 
 
@@ -151,9 +151,21 @@ def subject_uri(root: str, case: WorldCase, index: int) -> str:
     return storage.join(root, f"{subject.colour}-{subject.shape}-on-{subject.shown_on}-{subject_seed(case, index)}.png")
 
 
+@dataclass(frozen=True)
+class CaseReading:
+    hits: dict[str, float]  # 1.0 hit, 0.0 miss, for the `HITS` names of the case's kind
+    drawn_shape: str  # the largest object's shape (what a single case's `shape` hit compares), or "none"
+
+
 def score(case: WorldCase, image: Image.Image) -> dict[str, float]:
-    """World-scorer reading of one generated image against its case (1.0 hit, 0.0 miss)."""
+    """World-scorer hits of one generated image against its case (1.0 hit, 0.0 miss)."""
+    return read_case(case, image).hits
+
+
+def read_case(case: WorldCase, image: Image.Image) -> CaseReading:
+    """One world-scorer reading of a generated image: its hits against the case and the shape drawn."""
     reading = read_scene(image)
+    largest = _largest(reading)
     hits = {"background": float(reading.background == case.background)}
     if case.kind == "pair":
         present = {o.colour for o in reading.objects}
@@ -169,30 +181,22 @@ def score(case: WorldCase, image: Image.Image) -> dict[str, float]:
             s.colour not in drawn and drawn.count(other.colour) >= 2
             for s, other in zip(case.subjects, reversed(case.subjects))))
     else:
-        largest = _largest(reading)
         hits["colour"] = float(largest is not None and largest.colour == case.subjects[0].colour)
         hits["shape"] = float(largest is not None and largest.shape == case.subjects[0].shape)
         # The object drawn in the colour of the subject image's background: the model found the
         # crop's colours but not which of them is the object.
         hits["subject_background"] = float(largest is not None and largest.colour == case.subjects[0].shown_on)
-    return hits
+    return CaseReading(hits, largest.shape if largest is not None else "none")
 
 
 def _largest(reading):
     return max(reading.objects, key=lambda o: o.area) if reading.objects else None
 
 
-def drawn_shape(image: Image.Image) -> str:
-    """The shape of the largest object drawn (what `score` compares a single case's subject
-    with), or "none" when nothing is drawn."""
-    largest = _largest(read_scene(image))
-    return largest.shape if largest is not None else "none"
-
-
 def shape_breakdown(cases: Sequence[WorldCase], drawn: dict[str, dict[str, str]]) -> dict[str, float]:
     """Where single-subject shapes are lost, as numbers. `drawn` maps a source's label to
-    {case key: `drawn_shape`} (the first source is the model under study, e.g. the image-prompted
-    Kosmos-G; a second, e.g. its decoder told the cases in words, is what it is paired with).
+    {case key: `CaseReading.drawn_shape`} (the first source is the model under study, e.g. the
+    image-prompted Kosmos-G; a second, e.g. its decoder told the cases in words, is what it is paired with).
     Keys: `<label>/<shape>` hit rates per asked shape and `<label>/all`; `confusion/<asked>/<drawn>`
     case counts of the first source; with two sources `paired/<both|first_only|second_only|neither>`
     counts and `paired/first_given_second` (the first's rate where the second drew the shape) and

@@ -148,9 +148,9 @@ def test_world_job_records_scores_per_model(s3_prefix, tmp_path, clip_dir, capsy
     singles = {r["key"]: r for r in scored if r["kind"] == "single"}
     assert set(shapes) == set(singles) and set(shapes.values()) <= set(world_eval.DRAWN_SHAPES)
     asked_cases = {case.key: case for case in world_eval.cases(3, 2)}
-    for key, row in singles.items():
+    for key, row in singles.items():  # the job's table says what was drawn, and the same
         asked = asked_cases[key].subjects[0].shape
-        assert (shapes[key] == asked) == (row["shape"] == "1.0")
+        assert shapes[key] == row["drawn_shape"] and (shapes[key] == asked) == (row["shape"] == "1.0")
     breakdown, lines = shape_transfer.report({"full": shapes}, 3)
     assert breakdown["cases"] == 3 and breakdown["full/all"] == np.mean([r["shape"] == "1.0" for r in singles.values()])
     assert lines[0].startswith("| asked shape | cases | full: shape drawn |")
@@ -238,16 +238,17 @@ def test_shape_breakdown_reads_drawn_shapes_and_pairs_two_sources_by_case():
     model, decoder = {}, {}
     for i, case in enumerate(c for c in singles if c.kind == "single"):
         wrong = next(s for s in world.SHAPES if s != case.subjects[0].shape)
-        model[case.key] = world_eval.drawn_shape(drawn_as(case, case.subjects[0].shape if i % 2 == 0 else
-                                                          ("none" if i % 4 == 1 else wrong)))
-        decoder[case.key] = world_eval.drawn_shape(drawn_as(case, wrong if i >= 12 else case.subjects[0].shape))
+        model[case.key] = world_eval.read_case(case, drawn_as(case, case.subjects[0].shape if i % 2 == 0 else
+                                                              ("none" if i % 4 == 1 else wrong))).drawn_shape
+        decoder[case.key] = world_eval.read_case(case, drawn_as(case, wrong if i >= 12 else
+                                                                case.subjects[0].shape)).drawn_shape
     assert sum(model[c.key] == c.subjects[0].shape for c in singles if c.kind == "single") == 8
     for case in (c for c in singles if c.kind == "single"):  # a perfect generation, as the VAE check draws it
         answer = world_eval.answer_scene(case)
         assert answer == world_eval.answer_scene(case) and answer.background == case.background
-        assert world_eval.drawn_shape(answer.render(32)) == case.subjects[0].shape
-        hits = world_eval.score(case, answer.render(32))
-        assert (hits["colour"], hits["shape"], hits["background"]) == (1.0, 1.0, 1.0)
+        reading = world_eval.read_case(case, answer.render(32))
+        assert reading.drawn_shape == case.subjects[0].shape
+        assert (reading.hits["colour"], reading.hits["shape"], reading.hits["background"]) == (1.0, 1.0, 1.0)
     found = world_eval.shape_breakdown(singles, {"full": model, "decoder in words": decoder})
     assert found["cases"] == 16.0  # pairs are not shape cases
     assert found["full/all"] == 0.5 and found["decoder in words/all"] == 0.75
