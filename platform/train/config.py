@@ -62,6 +62,10 @@ class TrainConfig:
     # reservation where a worker reserves little only so that Ray Data can be scheduled beside it
     # and the rest of the machine's cores would idle (the mini presets on two cores).
     torch_threads: int = 0
+    # Torch intra-op threads of the worker's other threads (Ray Data's collation); 0: as many as
+    # the step's (PyTorch's default). Each thread running parallel ops keeps its own OpenMP team,
+    # and more teams than cores slow the step's small ops (`loop.own_intra_op_threads`).
+    torch_threads_others: int = 1
     # How Ray places the workers' bundles: PACK (few nodes), SPREAD, or STRICT_SPREAD (one
     # worker per node; what a test of node failures wants).
     placement_strategy: str = "PACK"
@@ -86,6 +90,9 @@ class TrainConfig:
         if self.torch_threads < 0:
             raise ConfigError(f"train.torch_threads must be 0 (one per reserved CPU) or a thread count, "
                               f"got {self.torch_threads}")
+        if self.torch_threads_others < 0:
+            raise ConfigError(f"train.torch_threads_others must be 0 (as many as the step's) or a thread count, "
+                              f"got {self.torch_threads_others}")
 
     def inert_fields(self) -> tuple[str, ...]:
         """Left out of fingerprints: how often the eval loss is measured decides no weight."""

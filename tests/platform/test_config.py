@@ -162,8 +162,9 @@ def test_learning_rate_schedules():
 
 
 def test_torch_threads_are_checked_and_do_not_decide_a_fingerprint():
-    """`train.torch_threads` changes how fast a CPU worker computes, not what it trains: jobs that
-    differ only in it share a registered version; a negative count is refused before any work."""
+    """`train.torch_threads` (and `torch_threads_others`) change how fast a CPU worker computes, not
+    what it trains: jobs that differ only in them share a registered version; a negative count is
+    refused before any work."""
     from kosmos_g.platform.config import fingerprint
     from kosmos_g.platform.train import backbone_job, job
     from kosmos_g.platform.train.config import stage_presets
@@ -173,7 +174,12 @@ def test_torch_threads_are_checked_and_do_not_decide_a_fingerprint():
     assert fingerprint(one) != fingerprint(two)
     one, two = (backbone_job.backbone_presets("decoder").get("mini", [f"train.torch_threads={n}"]) for n in (1, 2))
     assert fingerprint(one, backbone_job.NOT_DECIDING) == fingerprint(two, backbone_job.NOT_DECIDING)
-    for cfg in (stage_presets(2).get("tiny", ["train.torch_threads=-1"]),
-                backbone_job.backbone_presets("clip").get("tiny", ["train.torch_threads=-1"])):
-        with pytest.raises(ConfigError, match="train.torch_threads must be 0"):
-            cfg.validate()
+    one, two = (stage_presets(3).get("mini", [f"train.torch_threads_others={n}"]) for n in (0, 1))
+    assert fingerprint(one, job.NOT_DECIDING) == fingerprint(two, job.NOT_DECIDING)
+    one, two = (backbone_job.backbone_presets("clip").get("mini", [f"train.torch_threads_others={n}"]) for n in (0, 1))
+    assert fingerprint(one, backbone_job.NOT_DECIDING) == fingerprint(two, backbone_job.NOT_DECIDING)
+    for field in ("torch_threads", "torch_threads_others"):
+        for cfg in (stage_presets(2).get("tiny", [f"train.{field}=-1"]),
+                    backbone_job.backbone_presets("clip").get("tiny", [f"train.{field}=-1"])):
+            with pytest.raises(ConfigError, match=f"train.{field} must be 0"):
+                cfg.validate()
