@@ -75,7 +75,7 @@ def plain_loop(cfg, dataset=None, threads: int | None = None) -> dict[str, float
     model.set_stage(cfg.stage)
     model.train()
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=True)  # as the jobs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
     dataset = dataset if dataset is not None else training_dataset(cfg.stage, cfg.data, cfg.model)
 
