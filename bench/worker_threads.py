@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             step = f"{args.job}-others{others}-round{round_}"
             submit(step, f"pipelines/{args.job}.py", [
                 "--preset", "mini", "--set", f"train.steps={args.steps}",
-                "--set", f"name=threads-{uuid.uuid4().hex[:6]}", "--set", "register=false", "--set", "force=true", "--set", f"train.torch_threads_others={others}",
+                "--set", f"name=threads-{uuid.uuid4().hex[:6]}", "--set", "register=false", "--set", "force=true",
+                "--set", f"train.torch_threads_others={others}",
                 *JOBS[args.job]], results=RESULTS)
             rates[others].append(samples_per_s(RESULTS / f"{step}.log", args.steps))
             print(f"[worker_threads] {step}: {rates[others][-1]:.1f} samples/s", flush=True)

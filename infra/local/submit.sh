@@ -1,4 +1,4 @@
-# Sourced by main-job.sh (and the local-stack test): `submit <entrypoint…>` runs
+# Sourced by main-job.sh, bench/reproduce_mini.py and the local-stack test: `submit <entrypoint…>` runs
 # `ray job submit -- <entrypoint…>` on the cluster in RAY_ADDRESS and fails unless the job SUCCEEDED.
 #
 # `ray job submit` exits non-zero only for a FAILED job: a job that was stopped (`ray job stop`, the
