@@ -105,7 +105,7 @@ def backbone_presets(kind: str) -> Presets[BackboneConfig]:
 
 # What does not decide the trained weights: names, locations, switches and the CPUs reserved.
 NOT_DECIDING = ("name", "storage_path", "register", "force", "train.cpus_per_worker",
-                "train.torch_threads", "train.torch_threads_others", "train.placement_strategy", "data.num_cpus")
+                "train.torch_threads", "train.placement_strategy", "data.num_cpus")
 
 
 def ensure_world(cfg: BackboneConfig) -> None:

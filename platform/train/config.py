@@ -95,8 +95,10 @@ class TrainConfig:
                               f"got {self.torch_threads_others}")
 
     def inert_fields(self) -> tuple[str, ...]:
-        """Left out of fingerprints: how often the eval loss is measured decides no weight."""
-        return ("eval_every",)
+        """Left out of fingerprints: how often the eval loss is measured, and how many threads the
+        worker's other threads run, decide no weight (so every job that trains with this config
+        leaves them out, without naming them)."""
+        return ("eval_every", "torch_threads_others")
 
 
 @dataclass

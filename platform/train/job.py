@@ -53,8 +53,7 @@ def resolve_init(cfg: StageConfig) -> str | None:
 
 # What does not decide a stage's weights: names, locations, switches, reserved CPUs, the evaluation.
 NOT_DECIDING = ("name", "storage_path", "register", "force", "sample_grid", "allow_random", "eval",
-                "train.cpus_per_worker", "train.torch_threads", "train.torch_threads_others",
-                "train.placement_strategy", "data.num_cpus")
+                "train.cpus_per_worker", "train.torch_threads", "train.placement_strategy", "data.num_cpus")
 
 
 def registered_result(cfg: StageConfig, config_hash: str) -> StageResult | None:

@@ -78,14 +78,15 @@ def test_fingerprints_leave_out_options_the_config_does_not_use():
     from kosmos_g.platform.config import fingerprint, inert_fields
     from kosmos_g.platform.train.config import stage_presets
 
-    # Never deciding a weight: reading precomputed latents (the same losses) and how often the
-    # eval loss is measured; added later, they must not change registered fingerprints.
-    always = {"data.precomputed", "train.eval_every", "optim.schedule"}
+    # Never deciding a weight: reading precomputed latents (the same losses), how often the eval
+    # loss is measured and the threads of a worker's other threads; added later, they must not
+    # change registered fingerprints.
+    always = {"data.precomputed", "train.eval_every", "train.torch_threads_others", "optim.schedule"}
     cfg = stage_presets(3).get("mini")
     assert cfg.data.shuffle == "global" and set(inert_fields(cfg)) == always | {"data.shuffle_window"}
     before = fingerprint(cfg)
     cfg.data.shuffle_window = 9
-    cfg.data.precomputed, cfg.train.eval_every = "off", 7
+    cfg.data.precomputed, cfg.train.eval_every, cfg.train.torch_threads_others = "off", 7, 0
     assert fingerprint(cfg) == before
     cfg.data.shuffle = "stream"
     streamed = fingerprint(cfg)
