@@ -1,0 +1,103 @@
+"""What does stage 3 buy per step? The `mini` stage 3 trained afresh for each given number of
+steps (its own learning-rate schedule each time, as a shorter preset would have it) from the
+registered `kosmos-g-align` and `kosmos-g-mini-decoder`, each run scored on the world
+evaluation's held-out cases, on the local stack, same run.
+
+    kosmos-g local up && eval "$(kosmos-g local env)"
+    .venv/bin/python bench/stage3_steps.py --steps 1000 2500
+    .venv/bin/python bench/stage3_steps.py --steps 1000 --set optim.lr=1e-3
+
+Each run trains under a new name and registers nothing (its model stays in its MLflow run, as the
+ablation's does), so the served default stays the registered `kosmos-g`. Prints, per run: the
+training job's wall time and samples/s, and the one-subject colour, shape and background and the
+two-subject both-colours rates against the targets of issue 11 (the 95% interval of each is the
+evaluation's sampling alone). `--reference models:/kosmos-g/1` scores a registered model beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+RESULTS = ROOT / "bench" / "results" / "stage3_steps"
+
+
+def train(steps: int, overrides: list[str]) -> dict:
+    from reproduce_mini import submit
+    from worker_threads import samples_per_s
+
+    step = "-".join(["instruct", str(steps), *overrides]).replace("=", "")
+    summary = submit(step, "pipelines/instruct.py", [
+        "--preset", "mini", "--set", f"train.steps={steps}", "--set", f"name=stage3-steps-{uuid.uuid4().hex[:6]}",
+        "--set", "register=false", "--set", "force=true", *(a for o in overrides for a in ("--set", o))],
+        results=RESULTS)
+    if not summary.get("run_id"):
+        raise SystemExit(f"[stage3_steps] {step} printed no run id; see {RESULTS / step}.log")
+    summary["samples_per_s"] = samples_per_s(RESULTS / f"{step}.log", steps)
+    return summary
+
+
+def evaluate(label: str, model_uri: str, singles: int, pairs: int) -> dict:
+    from reproduce_mini import submit
+
+    return submit(f"evaluate-{label}", "pipelines/evaluate.py", [
+        "--preset", "world", "--model", model_uri, "--set", f"singles={singles}", "--set", f"pairs={pairs}"],
+        results=RESULTS)
+
+
+def row(label: str, trained: dict | None, metrics: dict) -> str:
+    from reproduce_mini import TARGETS
+
+    from kosmos_g.platform.evaluation.world import rate_interval
+
+    cells = []
+    for key in TARGETS:
+        rate, cases = metrics[key], metrics[f"world_{key.split('_')[1]}_images"]
+        low, high = rate_interval(rate, cases)
+        cells.append(f"{rate:.3f} ({low:.2f}–{high:.2f})")
+    time = f"{trained['wall_s'] / 60:.1f} min | {trained['samples_per_s']:.1f}" if trained else "– | –"
+    return f"| {label} | {time} | " + " | ".join(cells) + " |"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, nargs="+", required=True, help="stage-3 step counts, one run each")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a stage-3 config override for every run, e.g. optim.lr=1e-3 (repeatable)")
+    parser.add_argument("--reference", default="", help="a trained stage-3 model URI scored beside them")
+    parser.add_argument("--singles", type=int, default=200)
+    parser.add_argument("--pairs", type=int, default=100)
+    args = parser.parse_args(argv)
+    if not os.environ.get("RAY_ADDRESS"):
+        print('error: run `kosmos-g local up` and `eval "$(kosmos-g local env)"` first', file=sys.stderr)
+        return 2
+    from reproduce_mini import TARGETS
+
+    rows = ["| stage 3 | training job | samples/s | " + " | ".join(f"{name} (≥ {target})" for name, target
+                                                           in TARGETS.values()) + " |",
+            "|---|---|---|" + "---|" * len(TARGETS)]
+    if args.reference:
+        rows.append(row(args.reference, None, evaluate("reference", args.reference, args.singles, args.pairs)))
+        print(rows[-1], flush=True)
+    for steps in args.steps:
+        trained = train(steps, args.overrides)
+        label = " ".join([f"{steps} steps", *args.overrides])
+        metrics = evaluate(label.replace(" ", "-").replace("=", ""), f"runs:/{trained['run_id']}/model",
+                           args.singles, args.pairs)
+        rows.append(row(f"{label} (run {trained['run_id'][:8]})", trained, metrics))
+        print(rows[-1], flush=True)
+    print("\n" + "\n".join(rows))
+    with open(RESULTS / "tables.md", "a") as tables:  # every invocation's table, oldest first
+        tables.write(f"\n`stage3_steps.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+                     + "\n".join(rows) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
