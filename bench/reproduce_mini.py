@@ -76,6 +76,15 @@ class PeakMemory:
         self._stop.set()
 
 
+def stack_env_missing() -> bool:
+    """True, with the error printed, unless this shell has the local stack's environment (the
+    bench scripts that submit jobs to it or read its registry)."""
+    if os.environ.get("RAY_ADDRESS") and os.environ.get("MLFLOW_TRACKING_URI"):
+        return False
+    print('error: run `kosmos-g local up` and `eval "$(kosmos-g local env)"` first', file=sys.stderr)
+    return True
+
+
 def submit(step: str, script: str, args: list[str], results: Path = RESULTS) -> dict:
     """`ray job submit` one job through main-job.sh's `submit` (which fails unless the job
     SUCCEEDED: a stopped job exits `ray job submit` with 0), its log to `results`/<step>.log,
@@ -379,8 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--singles", type=int, default=200)
     parser.add_argument("--pairs", type=int, default=100)
     args = parser.parse_args(argv)
-    if not os.environ.get("RAY_ADDRESS") or not os.environ.get("MLFLOW_TRACKING_URI"):
-        print('error: run `kosmos-g local up` and `eval "$(kosmos-g local env)"` first', file=sys.stderr)
+    if stack_env_missing():
         return 2
     memory, started = PeakMemory(), time.monotonic()
     jobs = {} if args.evaluate_only else train_chain()

@@ -19,7 +19,6 @@ Prints markdown tables and logs them, with the numbers, to an MLflow run of the 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -103,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoder-only", metavar="URI", help="no Kosmos-G model: this mini decoder told the cases "
                                                               "in words, alone (e.g. models:/kosmos-g-mini-decoder/1)")
     args = parser.parse_args(argv)
-    if not os.environ.get("RAY_ADDRESS") or not os.environ.get("MLFLOW_TRACKING_URI"):
-        print('error: run `kosmos-g local up` and `eval "$(kosmos-g local env)"` first', file=sys.stderr)
+    from reproduce_mini import stack_env_missing
+
+    if stack_env_missing():
         return 2
     from kosmos_g.platform import tracking
 

@@ -17,7 +17,6 @@ evaluation's sampling alone). `--reference models:/kosmos-g/1` scores a register
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import uuid
@@ -25,13 +24,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+from reproduce_mini import TARGETS, stack_env_missing, submit  # noqa: E402
+from worker_threads import samples_per_s  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "stage3_steps"
 
 
 def train(steps: int, overrides: list[str]) -> dict:
-    from reproduce_mini import submit
-    from worker_threads import samples_per_s
-
     step = "-".join(["instruct", str(steps), *overrides]).replace("=", "")
     summary = submit(step, "pipelines/instruct.py", [
         "--preset", "mini", "--set", f"train.steps={steps}", "--set", f"name=stage3-steps-{uuid.uuid4().hex[:6]}",
@@ -44,16 +43,12 @@ def train(steps: int, overrides: list[str]) -> dict:
 
 
 def evaluate(label: str, model_uri: str, singles: int, pairs: int) -> dict:
-    from reproduce_mini import submit
-
     return submit(f"evaluate-{label}", "pipelines/evaluate.py", [
         "--preset", "world", "--model", model_uri, "--set", f"singles={singles}", "--set", f"pairs={pairs}"],
         results=RESULTS)
 
 
 def row(label: str, trained: dict | None, metrics: dict) -> str:
-    from reproduce_mini import TARGETS
-
     from kosmos_g.platform.evaluation.world import rate_interval
 
     cells = []
@@ -74,11 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--singles", type=int, default=200)
     parser.add_argument("--pairs", type=int, default=100)
     args = parser.parse_args(argv)
-    if not os.environ.get("RAY_ADDRESS"):
-        print('error: run `kosmos-g local up` and `eval "$(kosmos-g local env)"` first', file=sys.stderr)
+    if stack_env_missing():
         return 2
-    from reproduce_mini import TARGETS
-
     rows = ["| stage 3 | training job | samples/s | " + " | ".join(f"{name} (≥ {target})" for name, target
                                                            in TARGETS.values()) + " |",
             "|---|---|---|" + "---|" * len(TARGETS)]

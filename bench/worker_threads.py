@@ -15,7 +15,6 @@ machine's speed drifts, so the two settings alternate: 0, 1, 0, 1, ...
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
 import sys
@@ -24,6 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+from reproduce_mini import stack_env_missing, submit  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "worker_threads"
 # The decoder job: a short VAE part, and its frozen inputs computed in the step (a fresh VAE
 # would otherwise have them written for all 10,000 scenes first).
@@ -47,11 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
-    if not os.environ.get("RAY_ADDRESS"):
-        print('error: run `kosmos-g local up` and `eval "$(kosmos-g local env)"` first', file=sys.stderr)
+    if stack_env_missing():
         return 2
-    from reproduce_mini import submit
-
     rates: dict[int, list[float]] = {0: [], 1: []}
     for round_ in range(1, args.rounds + 1):
         for others in (0, 1):
