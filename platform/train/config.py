@@ -297,7 +297,8 @@ def _mini(stage: int) -> StageConfig:
     # raised both (0.92 / 0.72 and 0.80 / 0.49, both of two subjects 0.35 -> 0.53 on the second),
     # and the step loss, flat over those steps, did not show it (docs/REPRODUCTION.md). Trained
     # afresh from one stage 2, 1,500 and 2,500 steps gave colour 0.175 and 0.735, shape 0.30 and
-    # 0.55 (bench/stage3_steps.py); lr 1e-3 did worse than 5e-4 at 1,000 steps.
+    # 0.55 (bench/stage3_steps.py); lr 1e-3 did worse than 5e-4 at 1,000 steps, and batch 16 for
+    # 5,000 steps (the samples of 2,500) worse than 2,500 steps: colour 0.715, shape 0.28.
     steps = {1: 300, 2: 600, 3: 5000}[stage]
     batch = {1: 16, 2: 64, 3: 32}[stage]
     return StageConfig(
