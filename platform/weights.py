@@ -95,6 +95,16 @@ def bundle_sources(directory: str | os.PathLike, overrides: dict | None = None) 
     return cfg
 
 
+def decoder_override(directory: str | os.PathLike, decoder: str | None) -> dict:
+    """A stage's frozen decoder as a `load_config` override of the starting bundle's, when the
+    stage's config names another one (stage 3 on a retrained or cheaper decoder, from the same
+    stage 2): the config is what the job's fingerprint records, so it is what the model is built
+    on. {} when the config names none (the bundle's own, perhaps carried inside it) or the same."""
+    if not decoder or bundle_sources(directory).image_decoder.pretrained_path == decoder:
+        return {}
+    return {"image_decoder.pretrained_path": decoder}
+
+
 def portable(built: ModelConfig, sources: ModelConfig) -> ModelConfig:
     """The config to save with a model built from `localize(sources)`: `built`, with the frozen
     decoder's weights and BPE merges named as in `sources` (an `s3://` or `models:/` URI, a

@@ -128,13 +128,19 @@ def check_resumable(cfg, init_uri: str | None, resume_hash: str, config_hash: st
 
 
 def model_config_for(cfg: StageConfig, init_uri: str | None):
-    """The architecture the workers will build: the bundle's when starting from one."""
+    """The architecture the workers will build: the bundle's when starting from one, on the frozen
+    decoder the stage's config names (`weights.decoder_override`)."""
     if init_uri is None:
         return cfg.model
     from kosmos_g.models.checkpoint import load_config
-    from kosmos_g.platform.weights import local_dir
+    from kosmos_g.platform.weights import decoder_override, local_dir
 
-    return load_config(local_dir(init_uri))
+    bundle = local_dir(init_uri)
+    override = decoder_override(bundle, cfg.model.image_decoder.pretrained_path)
+    if override:
+        print(f"[{cfg.pipeline}] frozen image decoder {override['image_decoder.pretrained_path']} (the stage's "
+              f"config), not the one {init_uri} was trained on", flush=True)
+    return load_config(bundle, override or None)
 
 
 def decoder_identity(model_cfg, init_uri: str | None) -> str:

@@ -57,13 +57,14 @@ class StageTask(Task):
     def build(self, cfg, init_uri, device):
         from kosmos_g.models.kosmos_g import KosmosG
         from kosmos_g.platform import tracking
-        from kosmos_g.platform.weights import bundle_sources, load_bundle, localize
+        from kosmos_g.platform.weights import bundle_sources, decoder_override, load_bundle, localize
 
         torch.manual_seed(cfg.train.seed)
         if init_uri:
             bundle = tracking.resolve_artifacts(init_uri)
-            overrides = self.fresh_aligner(cfg, bundle)
-            model = load_bundle(bundle, overrides, fresh_parts=("aligner",) if overrides else ())
+            aligner = self.fresh_aligner(cfg, bundle)
+            overrides = {**(aligner or {}), **decoder_override(bundle, cfg.model.image_decoder.pretrained_path)}
+            model = load_bundle(bundle, overrides or None, fresh_parts=("aligner",) if aligner else ())
             self.sources = bundle_sources(bundle, overrides)
         else:
             model = KosmosG.from_config(localize(cfg.model))

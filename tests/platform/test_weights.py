@@ -124,3 +124,46 @@ def test_a_trained_bundle_names_its_decoder_where_the_job_got_it(tmp_path, s3_pr
     for init, identity in ((f"{s3_prefix}/stage2", f"{s3_prefix}/stage2#image_decoder"),
                            (f"{s3_prefix}/from-s3", f"{s3_prefix}/sd15")):
         assert decoder_identity(model_config_for(stage_presets(3).get("tiny"), init), init) == identity
+
+
+def test_a_stage_trains_on_the_decoder_its_config_names_not_the_starting_bundles(tmp_path, s3_prefix, monkeypatch):
+    """Stage 3 started from a stage-2 bundle on decoder A, its config naming decoder B (a retrained
+    or cheaper one): the model is built on B, its bundle names B, and the precomputed latents are
+    keyed by B, as the job's fingerprint (which records the config) says; naming A changes nothing."""
+    import json
+
+    from kosmos_g.models.checkpoint import CONFIG_NAME
+    from kosmos_g.platform.train.config import stage_presets
+    from kosmos_g.platform.train.job import decoder_identity, model_config_for
+    from kosmos_g.platform.train.task import StageTask
+    from kosmos_g.platform.weights import decoder_override
+
+    monkeypatch.setenv("KOSMOS_CACHE_DIR", str(tmp_path / "cache"))
+    decoders = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        decoders[name] = KosmosG.from_config(model_preset("tiny"))
+        save_sd_folder(tmp_path / name, decoders[name].image_decoder)
+        storage.upload_dir(tmp_path / name, f"{s3_prefix}/{name}")
+    on_a = stage_presets(2).get("tiny")
+    on_a.model.image_decoder.pretrained_path = f"{s3_prefix}/a"
+    task = StageTask(2)
+    task.save_bundle(task.build(on_a, None, torch.device("cpu")), tmp_path / "stage2")
+    storage.upload_dir(tmp_path / "stage2", f"{s3_prefix}/stage2")
+
+    assert decoder_override(tmp_path / "stage2", f"{s3_prefix}/a") == {}
+    assert decoder_override(tmp_path / "stage2", None) == {}
+    on_b = stage_presets(3).get("tiny")
+    on_b.model.image_decoder.pretrained_path = f"{s3_prefix}/b"
+    task = StageTask(3)
+    model = task.build(on_b, f"{s3_prefix}/stage2", torch.device("cpu"))
+    reference = _decoder_state(decoders["b"])
+    assert all(torch.equal(value, reference[key]) for key, value in _decoder_state(model).items())
+    task.save_bundle(model, tmp_path / "stage3")
+    assert json.loads((tmp_path / "stage3" / CONFIG_NAME).read_text())["image_decoder"]["pretrained_path"] == \
+        f"{s3_prefix}/b"
+    init = f"{s3_prefix}/stage2"
+    assert decoder_identity(model_config_for(on_b, init), init) == f"{s3_prefix}/b"
+    on_a = stage_presets(3).get("tiny")
+    on_a.model.image_decoder.pretrained_path = f"{s3_prefix}/a"
+    assert decoder_identity(model_config_for(on_a, init), init) == f"{s3_prefix}/a"
