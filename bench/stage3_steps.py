@@ -17,7 +17,7 @@ evaluation's sampling alone). `--reference models:/kosmos-g/1` scores a register
 from __future__ import annotations
 
 import argparse
-import statistics
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -30,8 +30,13 @@ from worker_threads import samples_per_s  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "stage3_steps"
 
 
+def slug(text: str) -> str:
+    """`text` as a log file's name: an override may hold a URI (`…pretrained_path=runs:/<id>/model`)."""
+    return re.sub(r"[^\w.-]+", "-", text.replace("=", ""))
+
+
 def train(steps: int, overrides: list[str]) -> dict:
-    step = "-".join(["instruct", str(steps), *overrides]).replace("=", "")
+    step = slug("-".join(["instruct", str(steps), *overrides]))
     summary = submit(step, "pipelines/instruct.py", [
         "--preset", "mini", "--set", f"train.steps={steps}", "--set", f"name=stage3-steps-{uuid.uuid4().hex[:6]}",
         "--set", "register=false", "--set", "force=true", *(a for o in overrides for a in ("--set", o))],
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     for steps in args.steps:
         trained = train(steps, args.overrides)
         label = " ".join([f"{steps} steps", *args.overrides])
-        metrics = evaluate(label.replace(" ", "-").replace("=", ""), f"runs:/{trained['run_id']}/model",
+        metrics = evaluate(slug(label), f"runs:/{trained['run_id']}/model",
                            args.singles, args.pairs)
         rows.append(row(f"{label} (run {trained['run_id'][:8]})", trained, metrics))
         print(rows[-1], flush=True)
