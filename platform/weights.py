@@ -66,10 +66,14 @@ def local_dir(uri: str) -> Path:
     return registry_dir(uri) if uri.startswith(REGISTRY_SCHEMES) else storage.local_dir(uri)
 
 
-def localize(cfg: ModelConfig) -> ModelConfig:
-    """A copy of `cfg` whose weight, vocabulary and merges paths are all local."""
+def localize(cfg: ModelConfig, parts: tuple[str, ...] | None = None) -> ModelConfig:
+    """A copy of `cfg` whose weight, vocabulary and merges paths are all local; with `parts`
+    (e.g. `("tokenizer",)`), only those under the named top-level sections, so that what needs
+    the vocabulary alone never fetches the decoder's weights."""
     cfg = copy.deepcopy(cfg)
     for sections, name, is_dir in MODEL_PATHS:
+        if parts is not None and sections[0] not in parts:
+            continue
         node = cfg
         for section in sections:
             node = getattr(node, section)

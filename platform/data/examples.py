@@ -125,7 +125,7 @@ class Preprocessor:
         if stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
         self.stage, self.data, self.model = stage, data, model
-        self.tokenizer = _LayoutTokenizer.from_model_config(localize(model))
+        self.tokenizer = _LayoutTokenizer.from_model_config(localize(model, ("tokenizer",)))
         self.clip_size = model.mllm.vision.image_size
         self.vae_size = model.image_decoder.image_size
         self.skips = SkipRecorder(data.skip_counter)
@@ -202,7 +202,7 @@ class Preprocessor:
         if self.clip_tokenizer is None:
             from kosmos_g.models.image_decoder import load_clip_tokenizer
 
-            self.clip_tokenizer = load_clip_tokenizer(localize(self.model).image_decoder)
+            self.clip_tokenizer = load_clip_tokenizer(localize(self.model, ("image_decoder",)).image_decoder)
         if len(self.clip_tokenizer.tokenize(caption)) > self.data.stage2_max_clip_tokens:
             raise SkipRecord("caption_too_long_for_clip", f"over {self.data.stage2_max_clip_tokens} CLIP tokens")
 
@@ -291,10 +291,20 @@ class StreamCollator(NumpyBatchCollateFn):
         self.vae_size = model.image_decoder.image_size
         self.mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        self._layout = None  # the tokenizer, built in the process that collates
 
     def tokenizer(self) -> InterleavedTokenizer:
-        cfg = localize(self.model)
-        return _tokenizer(dataclasses.astuple(cfg.tokenizer), cfg.mllm.image_tokens, cfg.mllm.vision.image_size)
+        # Once per process, from the vocabulary's paths alone: collation runs at every step, and
+        # localizing the whole config there asked the registry each time and downloaded a
+        # `runs:/` decoder's weights again at every step (docs/REPRODUCTION.md, 2026-12-07).
+        if self._layout is None:
+            cfg = localize(self.model, ("tokenizer",))
+            self._layout = _tokenizer(dataclasses.astuple(cfg.tokenizer), cfg.mllm.image_tokens,
+                                      cfg.mllm.vision.image_size)
+        return self._layout
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_layout": None}  # travels to the workers without it
 
     def _clip(self, raw: bytes | None, count: int) -> torch.Tensor:
         size = self.clip_size

@@ -107,6 +107,29 @@ def test_stage3_examples_and_batches(stage3, tiny_cfg):
         _check_batch(collate_fn(3, tiny_cfg)(_numpy_batch(table.slice(start, 16))), 3, tiny_cfg)
 
 
+def test_collation_reads_the_vocabulary_once_and_no_weights(stage3, tiny_cfg, monkeypatch):
+    """Collation runs at every step in the training worker: it localizes the vocabulary once per
+    process and never the backbones (a `runs:/` decoder used to be downloaded at every step)."""
+    import copy
+    import pickle
+
+    from kosmos_g.platform import weights
+    from kosmos_g.platform.data import examples
+
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.image_decoder.pretrained_path = "runs:/0123456789abcdef/model"  # no such run: fetching it fails
+    cfg.mllm.vision.pretrained_path = "models:/no-such-clip/1"
+    fetched, localized = [], []
+    monkeypatch.setattr(weights, "registry_dir", lambda uri: fetched.append(uri))
+    monkeypatch.setattr(examples, "localize", lambda *args: localized.append(args) or weights.localize(*args))
+    collate = collate_fn(3, cfg)
+    table = pa.Table.from_pylist(stage3[1])
+    for start in (0, 16, 32):
+        _check_batch(collate(_numpy_batch(table.slice(start, 16))), 3, cfg)
+    assert fetched == [] and len(localized) == 1
+    _check_batch(pickle.loads(pickle.dumps(collate))(_numpy_batch(table.slice(0, 16))), 3, cfg)  # as Ray ships it
+
+
 def test_corrupt_records_are_skipped_and_counted(stage3):
     data, rows = stage3
     assert not BAD_KEYS & {row["key"] for row in rows}
