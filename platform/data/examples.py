@@ -12,8 +12,6 @@ so an example is the same whichever worker builds it and in whatever order.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import hashlib
 from typing import Any
 
@@ -271,14 +269,6 @@ class Preprocessor:
 # ---------------------------------------------------------------- collation
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer(tokenizer: tuple, image_tokens: int, image_size: int) -> InterleavedTokenizer:
-    """Cached per (TokenizerConfig fields, layout): collation runs once per batch."""
-    from kosmos_g.models.config import TokenizerConfig
-
-    return InterleavedTokenizer(TokenizerConfig(*tokenizer), image_tokens, image_size)
-
-
 class StreamCollator(NumpyBatchCollateFn):
     """`collate_fn` for `iter_torch_batches`: a numpy batch of example rows -> the model
     batch dict (input_ids, attention_mask, image_mask, loss_mask, pixel_values), plus
@@ -298,9 +288,7 @@ class StreamCollator(NumpyBatchCollateFn):
         # localizing the whole config there asked the registry each time and downloaded a
         # `runs:/` decoder's weights again at every step (docs/REPRODUCTION.md, 2026-12-07).
         if self._layout is None:
-            cfg = localize(self.model, ("tokenizer",))
-            self._layout = _tokenizer(dataclasses.astuple(cfg.tokenizer), cfg.mllm.image_tokens,
-                                      cfg.mllm.vision.image_size)
+            self._layout = InterleavedTokenizer.from_model_config(localize(self.model, ("tokenizer",)))
         return self._layout
 
     def __getstate__(self) -> dict:
