@@ -136,11 +136,31 @@ def service(ray_local, registered_tiny, lora_prefix, controlnet_dir):
         "--set", "batching.denoiser_batch_wait_s=0.05",
         "--set", "batching.encoder_batch_wait_s=0.02",
     ]
+    url = f"http://127.0.0.1:{port}"
     try:
         assert main(argv) == 0
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
-        serve.shutdown()
+        # `kosmos-g serve --stop` with no other application left stops Serve too: its
+        # controller and HTTP proxy would keep polling and holding the port.
+        stopped = main(["serve", "--stop"])
+        left = _serve_running()
+        if left:
+            serve.shutdown()  # so that the training packages get their CPUs all the same
+        assert stopped == 0 and not left, "kosmos-g serve --stop left Serve running"
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{url}/healthz", timeout=5)
+
+
+def _serve_running() -> bool:
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        serve.status()
+    except RayServeException:  # "There is no Serve instance running on this Ray cluster"
+        return False
+    return True
 
 
 @pytest.fixture(scope="package")
