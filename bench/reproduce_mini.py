@@ -20,6 +20,10 @@ has 2 CPUs, and two Ray Data streams side by side can starve each other's read t
 - the ceiling: the mini decoder `full` trained on, told the same held-out cases in words (not a
   Kosmos-G model: what the frozen decoder draws when asked exactly).
 
+Every model is also told the one-subject cases in words (`a red star on a purple background`):
+text-to-image through the MLLM and AlignerNet, which is how the paper's Table 2 compares stage 2
+with and without the AlignerNet encoder (beside SD told the captions: here the decoder's ceiling).
+
 Job logs go to bench/results/reproduce_mini/<step>.log; wall time and the machine's peak memory
 use are measured and printed with the table. A job that reused a registered version also reports
 how long that version's run took to train (`tracking.active_seconds`, from its MLflow records).
@@ -234,7 +238,8 @@ def evaluate(models: dict[str, str], singles: int, pairs: int) -> dict[str, dict
     for label, uri in models.items():
         step = "evaluate_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", label)  # a log file name: no "/" of a model URI
         results[label] = submit(step, "pipelines/evaluate.py", [
-            "--preset", "world", "--model", uri, "--set", f"singles={singles}", "--set", f"pairs={pairs}"])
+            "--preset", "world", "--model", uri, "--set", f"singles={singles}", "--set", f"pairs={pairs}",
+            "--set", "words=true"])
     return results
 
 
@@ -253,8 +258,8 @@ def decoder_ceiling(model_uri: str, singles: int) -> tuple[str, dict, dict] | No
 
 
 def table(results: dict[str, dict], ceiling: tuple[str, dict, dict] | None = None) -> list[str]:
-    """Markdown rows: each model's one-subject and two-subject metrics, the text-only twins and
-    the decoder's ceiling."""
+    """Markdown rows: each model's one-subject and two-subject metrics, the text-only twins, each
+    model told the cases in words, and the decoder's ceiling (told the same words)."""
 
     def cells(metrics: dict, kind: str, with_pairs: bool) -> str:
         def value(key: str, clip: bool = False) -> str:
@@ -276,6 +281,9 @@ def table(results: dict[str, dict], ceiling: tuple[str, dict, dict] | None = Non
         rows.append(f"| {label} | {cells(metrics, 'single', True)} |")
         if label == "full":
             rows.append(f"| full, text only (`an object on a <b> background`) | {cells(metrics, 'text', False)} |")
+        if "world_words_images" in metrics:  # text-to-image, as the paper's Table 2 measures stage 2
+            rows.append(f"| {label}, told in words (`a red star on a <b> background`) "
+                        f"| {cells(metrics, 'words', False)} |")
     if ceiling:
         rows.append(f"| mini decoder told in words (`a red star on a purple background`; ceiling) "
                     f"| {cells(ceiling[1], 'single', True)} |")
@@ -292,7 +300,7 @@ def figure(results: dict[str, dict], cases: int = 6):
     from kosmos_g.platform.evaluation.grid import open_image
 
     full = results["full"]
-    chosen = [c for c in world_eval.cases(full["singles"], full["pairs"], 0) if c.kind != "text"]
+    chosen = [c for c in world_eval.cases(full["singles"], full["pairs"], 0) if c.shows_images]
     chosen = chosen[: cases - 2] + [c for c in chosen if c.kind == "pair"][:2]
     columns = ["subject 1", "subject 2", *results, "text only"]
     cell, label_h = 96, 30
@@ -348,15 +356,20 @@ def write_report(results: dict[str, dict], jobs: dict[str, dict], memory_gb: flo
     full = results["full"]
     checks = [target_check(full, key, label, target) for key, (label, target) in TARGETS.items()]
     times = timing(jobs)
+    wall = (f"Wall time: {wall_s / 60:.1f} min in all" + (f" ({times})" if times else "")
+            + f"; peak memory above the idle machine: {memory_gb:.1f} GB.")
+    if not jobs:  # --evaluate-only: the chain's own time, as the last full run wrote it, stays
+        wall = (chain_time_line() + f" Evaluated again {time.strftime('%Y-%m-%d')} (`--evaluate-only`) in "
+                f"{wall_s / 60:.1f} min; peak memory above the idle machine: {memory_gb:.1f} GB.").strip()
     lines = [BEGIN, "", f"Measured {time.strftime('%Y-%m-%d')} by `bench/reproduce_mini.py` "
              f"({full.get('world_single_images', 0):.0f} single-subject, {full.get('world_pair_images', 0):.0f} "
-             f"two-subject and as many text-only held-out cases per model; models: "
+             f"two-subject held-out cases per model, and each single-subject case as a text-only twin and told in "
+             f"words; models: "
              + ", ".join(f"{label} `{r['model']}`" for label, r in results.items())
              + (f", ceiling `{ceiling[0]}`" if ceiling else "") + ").", "", *rows, "",
              "Targets (full model): " + "; ".join(checks) + ".", "", *pair_failures(results, ceiling),
              *shape_lines(full, ceiling),
-             f"Wall time: {wall_s / 60:.1f} min in all" + (f" ({times})" if times else "")
-             + f"; peak memory above the idle machine: {memory_gb:.1f} GB.", "",
+             wall, "",
              "![held-out cases: subject images, then each model's image](reproduce_mini.png)", "", END]
     text = "\n".join(lines)
     doc = DOC.read_text()
@@ -366,6 +379,16 @@ def write_report(results: dict[str, dict], jobs: dict[str, dict], memory_gb: flo
         doc = doc.rstrip() + "\n\n## Results of the whole chain\n\n" + text + "\n"
     DOC.write_text(doc)
     return text
+
+
+def chain_time_line() -> str:
+    """The wall-time line of the report in the doc (a run of the chain wrote it), or ''."""
+    doc = DOC.read_text()
+    if BEGIN not in doc or END not in doc:
+        return ""
+    block = doc[doc.index(BEGIN): doc.index(END)]
+    found = [line for line in block.splitlines() if line.startswith("Wall time:")]
+    return found[0].split(" Evaluated again ")[0] if found else ""
 
 
 def log_to_mlflow(text: str, results: dict[str, dict], ceiling: tuple[str, dict, dict] | None = None) -> str:

@@ -20,6 +20,8 @@ from the generated pixels (identity and background accuracy) and the mini CLIP g
 CLIP-T. Images go under `<out>/<model name>-<version>` (default out: eval/<name>) so evaluating
 another model never reuses them, subject images under `<out>/subjects`, shared by the models;
 MLflow gets `world_<kind>_<metric>` metrics, `world/scores.csv` and `world/samples.png`.
+`--set words=true` also tells the model each one-subject case in words (`a red star on a purple
+background`, kind `words`): text-to-image, the measure of a stage-2 model (paper Table 2).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class EvalConfig:
     batch_size: int = 4
     singles: int = 200  # world: one-subject cases (each with its text-only twin)
     pairs: int = 100  # world: two-subject cases
+    words: bool = False  # world: also each one-subject case told in words (text-to-image, paper Table 2)
 
 
 def presets() -> Presets[EvalConfig]:
@@ -237,7 +240,7 @@ def world_rows(cfg: EvalConfig, subjects: str) -> tuple[list[dict], dict[str, di
     from kosmos_g.platform.evaluation import world as world_eval
 
     rows, targets = [], {}
-    for case in world_eval.cases(cfg.singles, cfg.pairs, cfg.seed):
+    for case in world_eval.cases(cfg.singles, cfg.pairs, cfg.seed, cfg.words):
         references = []
         for index, subject in enumerate(case.subjects):
             uri = world_eval.subject_uri(subjects, case, index)

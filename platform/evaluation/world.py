@@ -13,6 +13,10 @@ Cases, all on the background a subject's colour never appears on in training
   one subject's colour on both (`copied_colour`).
 - `text`: the text-only baseline `an object on a <b> background` for every single case, scored
   against the subject it never saw (identity should sit near chance: 1/8 colours, 1/4 shapes).
+- `words` (when asked for): every single case told in words, `a red star on a <b> background`:
+  text-to-image through the MLLM and AlignerNet. That is what the paper's Table 2 measures after
+  stage 2 (AlignerNet against the decoder-only ablation, beside SD told the captions), and what
+  stage 3 keeps of it; the frozen decoder told the same words is the reference.
 
 Prompts follow the stage-3 training form, where an entity's words are replaced by its image
 ("a <image> on a blue background"). Every case has its own sampling seed, so two models evaluated
@@ -33,7 +37,7 @@ from PIL import Image
 from kosmos_g.platform.data import imaging, world
 from kosmos_g.platform.data.world_scorer import read_scene
 
-KINDS = ("single", "pair", "text")
+KINDS = ("single", "pair", "text", "words")
 # What `score` reads from one image (a kind has a subset), in the order the scores table lists them.
 HITS = ("colour", "shape", "both_colours", "both_apart", "two_drawn", "copied_colour", "background",
         "subject_background")
@@ -61,6 +65,8 @@ class WorldCase:
         """The Kosmos-G prompt, one `<image>` slot per subject image."""
         if self.kind == "text":
             return f"an object on a {self.background} background"
+        if self.kind == "words":
+            return self.text
         return " and ".join("a <image>" for _ in self.subjects) + f" on a {self.background} background"
 
     @property
@@ -71,7 +77,7 @@ class WorldCase:
 
     @property
     def shows_images(self) -> bool:
-        return self.kind != "text"
+        return self.kind not in ("text", "words")
 
 
 def to_json(case: WorldCase) -> str:
@@ -91,20 +97,22 @@ def _subject(rng: np.random.Generator, colour: str, target: str) -> Subject:
 def _case_key(kind: str, index: int, background: str, subjects: tuple[Subject, ...], seed: int) -> str:
     """`<kind>-<index>-<digest of what the case asks>`: generated images are kept by key and a
     rerun skips keys already drawn, so a key must not name another case when the counts change
-    (the pairs are drawn after the singles). A text-only twin shares its case's digest."""
+    (the pairs are drawn after the singles). A text-only or words twin shares its case's digest."""
     content = json.dumps([background, [asdict(s) for s in subjects], seed])
     return f"{kind}-{index:04d}-{hashlib.blake2b(content.encode(), digest_size=3).hexdigest()}"
 
 
-def cases(singles: int, pairs: int, seed: int = 0) -> list[WorldCase]:
-    """`singles` single-subject cases (each with its text-only twin) and `pairs` two-subject cases."""
+def cases(singles: int, pairs: int, seed: int = 0, words: bool = False) -> list[WorldCase]:
+    """`singles` single-subject cases (each with its text-only twin, and with `words` its twin told
+    in words) and `pairs` two-subject cases; the same cases with or without `words`."""
     rng = np.random.default_rng(seed)
     found: list[WorldCase] = []
+    twins = ("single", "text", "words") if words else ("single", "text")
     for i in range(singles):
         colour = str(rng.choice(world.COLOURS))
         target = world.held_out_background(colour)
         subject = _subject(rng, colour, target)
-        for kind in ("single", "text"):
+        for kind in twins:
             found.append(WorldCase(_case_key(kind, i, target, (subject,), seed + i), kind, target, (subject,), seed + i))
     for i in range(pairs):
         first = str(rng.choice(world.COLOURS))
@@ -144,7 +152,7 @@ def subject_seed(case: WorldCase, index: int) -> int:
 
 def subject_uri(root: str, case: WorldCase, index: int) -> str:
     """Where subject image `index` of `case` is kept under `root` (named by what draws it, so a
-    text-only twin, which shares its case's seed and subject, names the same file)."""
+    text-only or words twin, which shares its case's seed and subject, names the same file)."""
     from kosmos_g.platform import storage
 
     subject = case.subjects[index]
@@ -288,6 +296,7 @@ def sample_grid(scores: Sequence[dict], per_kind: int = 4) -> Image.Image:
     for kind in KINDS:
         for row in sorted((s for s in scores if s["kind"] == kind), key=lambda s: s["key"])[:per_kind]:
             references = [open_image(uri) for uri in json.loads(row["references"])]
-            shown.append({"text": row["prompt"] if kind != "text" else f"{row['prompt']} (subject not shown)",
+            shown_subject = kind in ("single", "pair")
+            shown.append({"text": row["prompt"] if shown_subject else f"{row['prompt']} (subject not shown)",
                           "references": references, "generated": open_image(row["image_uri"])})
     return prompt_grid(shown, max_references=2)

@@ -50,6 +50,17 @@ def test_cases_are_held_out_deterministic_and_paired_with_text_only_twins():
     pair = next(c for c in cases if c.kind == "pair")
     assert pair.prompt == f"a <image> and a <image> on a {pair.background} background"
     assert pair.subjects[0].colour != pair.subjects[1].colour
+    # Told in words: the same cases, each single one with a twin that names its subject instead.
+    with_words = world_eval.cases(40, 20, seed=3, words=True)
+    assert [c for c in with_words if c.kind != "words"] == cases
+    told = [c for c in with_words if c.kind == "words"]
+    assert len(told) == 40
+    for twin in told:
+        single = singles[twin.key[len("words-"):]]
+        assert (twin.subjects, twin.background, twin.seed) == (single.subjects, single.background, single.seed)
+        subject = single.subjects[0]
+        assert twin.prompt == twin.text == f"a {subject.colour} {subject.shape} on a {single.background} background"
+        assert not twin.shows_images
 
 
 def test_subject_images_show_the_subject_on_its_own_background():
@@ -61,14 +72,14 @@ def test_subject_images_show_the_subject_on_its_own_background():
 
 
 def test_scorer_is_exact_on_rendered_answers_and_misses():
-    for case in world_eval.cases(12, 12, seed=5):
+    for case in world_eval.cases(12, 12, seed=5, words=True):
         hits = world_eval.score(case, _answer(case))
         leak, copied = hits.pop("subject_background", 0.0), hits.pop("copied_colour", 0.0)
         assert leak == copied == 0.0 and all(value == 1.0 for value in hits.values()), (case, hits)
         wrong = [c for c in world.COLOURS if c != case.background and c not in {s.colour for s in case.subjects}]
         missed = world_eval.score(case, _answer(case, wrong[: len(case.subjects)]))
         assert missed["colour"] == 0.0 and missed["background"] == 1.0
-        if case.kind == "single":  # drawn in the colour the subject image's background has
+        if case.kind in ("single", "words"):  # drawn in the colour the subject image's background has
             leaked = world_eval.score(case, _answer(case, [case.subjects[0].shown_on]))
             assert (leaked["colour"], leaked["subject_background"]) == (0.0, 1.0)
         if case.kind == "pair":  # the two ways a pair fails
@@ -115,15 +126,17 @@ def test_world_job_records_scores_per_model(s3_prefix, tmp_path, clip_dir, capsy
     name = f"world-{s3_prefix.rsplit('/', 1)[-1]}"
     argv = ["--preset", "world", "--model", str(bundle), "--clip", clip_dir, "--name", name,
             "--set", f"out={s3_prefix}/world-eval", "--set", "steps=2", "--set", "singles=3", "--set", "pairs=2",
-            "--set", "batch_size=4"]
+            "--set", "batch_size=4", "--set", "words=true"]
     assert main(argv) == 0
 
     experiment = tracking.client().get_experiment_by_name(tracking.experiment_name("evaluate"))
     runs = tracking.client().search_runs([experiment.experiment_id], f"tags.benchmark = 'world'")
     run = next(r for r in runs if r.data.tags.get("model") == str(bundle))
     metrics = run.data.metrics
-    assert (metrics["world_single_images"], metrics["world_text_images"], metrics["world_pair_images"]) == (3, 3, 2)
+    assert (metrics["world_single_images"], metrics["world_text_images"], metrics["world_pair_images"],
+            metrics["world_words_images"]) == (3, 3, 2, 3)
     for kind, names in {"single": ("colour", "shape", "background"), "text": ("colour", "shape", "background"),
+                        "words": ("colour", "shape", "background"),
                         "pair": ("colour", "both_colours", "two_drawn", "copied_colour", "background")}.items():
         for metric in names:
             assert 0.0 <= metrics[f"world_{kind}_{metric}"] <= 1.0
@@ -131,12 +144,13 @@ def test_world_job_records_scores_per_model(s3_prefix, tmp_path, clip_dir, capsy
     table = tracking.client().download_artifacts(run.info.run_id, "world/scores.csv", str(tmp_path))
     with open(table) as handle:
         scored = list(csv.DictReader(handle))
-    assert sorted(r["kind"] for r in scored) == ["pair"] * 2 + ["single"] * 3 + ["text"] * 3
+    assert sorted(r["kind"] for r in scored) == ["pair"] * 2 + ["single"] * 3 + ["text"] * 3 + ["words"] * 3
+    assert {r["prompt"] for r in scored if r["kind"] == "words"} == {r["text"] for r in scored if r["kind"] == "single"}
     assert 0.0 <= metrics["world_single_subject_background"] <= 1.0
     assert all(r["background"] in ("0.0", "1.0") for r in scored)
     assert all(r["two_drawn"] in ("0.0", "1.0") for r in scored if r["kind"] == "pair")
     grid = tracking.client().download_artifacts(run.info.run_id, "world/samples.png", str(tmp_path))
-    assert Image.open(grid).size[1] == 8 * (128 + 34)  # every case of this small run drawn
+    assert Image.open(grid).size[1] == 11 * (128 + 34)  # every case of this small run drawn
 
     # bench/shape_transfer.py reads the same images back from where the job printed it wrote them:
     # its drawn shapes agree with the job's own shape hits.
