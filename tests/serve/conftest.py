@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import secrets
+import time
 import uuid
 
 import numpy as np
@@ -144,7 +145,10 @@ def service(ray_local, registered_tiny, lora_prefix, controlnet_dir):
         # `kosmos-g serve --stop` with no other application left stops Serve too: its
         # controller and HTTP proxy would keep polling and holding the port.
         stopped = main(["serve", "--stop"])
-        left = _serve_running()
+        # The controller is killed asynchronously: its name may resolve for a moment after.
+        deadline = time.monotonic() + 30
+        while (left := _serve_controller_alive()) and time.monotonic() < deadline:
+            time.sleep(0.5)
         if left:
             serve.shutdown()  # so that the training packages get their CPUs all the same
         assert stopped == 0 and not left, "kosmos-g serve --stop left Serve running"
@@ -152,13 +156,15 @@ def service(ray_local, registered_tiny, lora_prefix, controlnet_dir):
             requests.get(f"{url}/healthz", timeout=5)
 
 
-def _serve_running() -> bool:
-    from ray import serve
-    from ray.serve.exceptions import RayServeException
+def _serve_controller_alive() -> bool:
+    """Whether Serve's controller actor exists (`serve.status()` cannot say: with no Serve running
+    it returns an empty status rather than raising)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
     try:
-        serve.status()
-    except RayServeException:  # "There is no Serve instance running on this Ray cluster"
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
         return False
     return True
 
