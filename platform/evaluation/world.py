@@ -38,6 +38,7 @@ from kosmos_g.platform.data import imaging, world
 from kosmos_g.platform.data.world_scorer import read_scene
 
 KINDS = ("single", "pair", "text", "words")
+IMAGE_KINDS = ("single", "pair")  # the kinds whose prompt shows the subject images
 # What `score` reads from one image (a kind has a subset), in the order the scores table lists them.
 HITS = ("colour", "shape", "both_colours", "both_apart", "two_drawn", "copied_colour", "background",
         "subject_background")
@@ -77,7 +78,7 @@ class WorldCase:
 
     @property
     def shows_images(self) -> bool:
-        return self.kind not in ("text", "words")
+        return self.kind in IMAGE_KINDS
 
 
 def to_json(case: WorldCase) -> str:
@@ -296,7 +297,6 @@ def sample_grid(scores: Sequence[dict], per_kind: int = 4) -> Image.Image:
     for kind in KINDS:
         for row in sorted((s for s in scores if s["kind"] == kind), key=lambda s: s["key"])[:per_kind]:
             references = [open_image(uri) for uri in json.loads(row["references"])]
-            shown_subject = kind in ("single", "pair")
-            shown.append({"text": row["prompt"] if shown_subject else f"{row['prompt']} (subject not shown)",
+            shown.append({"text": row["prompt"] if kind in IMAGE_KINDS else f"{row['prompt']} (subject not shown)",
                           "references": references, "generated": open_image(row["image_uri"])})
     return prompt_grid(shown, max_references=2)
