@@ -35,15 +35,22 @@ def slug(text: str) -> str:
     return re.sub(r"[^\w.-]+", "-", text.replace("=", ""))
 
 
-def train(steps: int, overrides: list[str]) -> dict:
-    step = slug("-".join(["instruct", str(steps), *overrides]))
-    summary = submit(step, "pipelines/instruct.py", [
-        "--preset", "mini", "--set", f"train.steps={steps}", "--set", f"name=stage3-steps-{uuid.uuid4().hex[:6]}",
+def train_afresh(pipeline: str, steps: int, overrides: list[str], results: Path) -> tuple[dict, Path]:
+    """`pipelines/<pipeline>.py --preset mini` for `steps` steps under a new name, registering
+    nothing; its JSON summary (with the run id) and its log."""
+    step = slug("-".join([pipeline, str(steps), *overrides]))
+    summary = submit(step, f"pipelines/{pipeline}.py", [
+        "--preset", "mini", "--set", f"train.steps={steps}", "--set", f"name={pipeline}-steps-{uuid.uuid4().hex[:6]}",
         "--set", "register=false", "--set", "force=true", *(a for o in overrides for a in ("--set", o))],
-        results=RESULTS)
+        results=results)
     if not summary.get("run_id"):
-        raise SystemExit(f"[stage3_steps] {step} printed no run id; see {RESULTS / step}.log")
-    summary["samples_per_s"] = samples_per_s(RESULTS / f"{step}.log", steps)
+        raise SystemExit(f"[bench] {step} printed no run id; see {results / step}.log")
+    return summary, results / f"{step}.log"
+
+
+def train(steps: int, overrides: list[str]) -> dict:
+    summary, log = train_afresh("instruct", steps, overrides, RESULTS)
+    summary["samples_per_s"] = samples_per_s(log, steps)
     return summary
 
 
@@ -63,6 +70,15 @@ def row(label: str, trained: dict | None, metrics: dict) -> str:
         cells.append(f"{rate:.3f} ({low:.2f}–{high:.2f})")
     time = f"{trained['wall_s'] / 60:.1f} min | {trained['samples_per_s']:.1f}" if trained else "– | –"
     return f"| {label} | {time} | " + " | ".join(cells) + " |"
+
+
+def report(rows: list[str], results: Path, script: str, argv: list[str] | None) -> None:
+    """Print the table and append it, under the command that made it, to `results`/tables.md
+    (every invocation's table, oldest first)."""
+    print("\n" + "\n".join(rows))
+    with open(results / "tables.md", "a") as tables:
+        tables.write(f"\n`{script} {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+                     + "\n".join(rows) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                            args.singles, args.pairs)
         rows.append(row(f"{label} (run {trained['run_id'][:8]})", trained, metrics))
         print(rows[-1], flush=True)
-    print("\n" + "\n".join(rows))
-    with open(RESULTS / "tables.md", "a") as tables:  # every invocation's table, oldest first
-        tables.write(f"\n`stage3_steps.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
-                     + "\n".join(rows) + "\n")
+    report(rows, RESULTS, "stage3_steps.py", argv)
     return 0
 
 
