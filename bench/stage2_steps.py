@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from reproduce_mini import stack_env_missing, submit  # noqa: E402
-from stage3_steps import report, slug, train_afresh  # noqa: E402
+from stage3_steps import report, sweep, train_afresh  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "stage2_steps"
 ASKED = ("colour", "shape", "background")
@@ -36,6 +36,7 @@ def train(steps: int, overrides: list[str]) -> dict:
     windows = [m for line in log.read_text().splitlines()
                if (m := STEP_LINE.search(line)) and int(m.group(2)) == steps]
     summary["last_loss"] = float(windows[-1].group(3)) if windows else float("nan")
+    summary["steps"] = steps
     return summary
 
 
@@ -81,12 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference:
         rows.append(row(args.reference, None, told_in_words("reference", args.reference, args.singles)))
         print(rows[-1], flush=True)
-    for steps in args.steps:
-        trained = {**train(steps, args.overrides), "steps": steps}
-        label = " ".join([f"{steps} steps", *args.overrides])
-        metrics = told_in_words(slug(label), f"runs:/{trained['run_id']}/model", args.singles)
-        rows.append(row(f"{label} (run {trained['run_id'][:8]})", trained, metrics))
-        print(rows[-1], flush=True)
+    rows += sweep(args.steps, args.overrides, train, lambda label, uri: told_in_words(label, uri, args.singles), row)
     report(rows, RESULTS, "stage2_steps.py", argv)
     return 0
 

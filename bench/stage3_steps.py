@@ -72,6 +72,19 @@ def row(label: str, trained: dict | None, metrics: dict) -> str:
     return f"| {label} | {time} | " + " | ".join(cells) + " |"
 
 
+def sweep(step_counts: list[int], overrides: list[str], train_run, score, table_row) -> list[str]:
+    """One table row per step count: `train_run(steps, overrides)` afresh, then
+    `score(label, model_uri)` on its model, each row printed as it comes."""
+    rows = []
+    for steps in step_counts:
+        trained = train_run(steps, overrides)
+        label = " ".join([f"{steps} steps", *overrides])
+        metrics = score(slug(label), f"runs:/{trained['run_id']}/model")
+        rows.append(table_row(f"{label} (run {trained['run_id'][:8]})", trained, metrics))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def report(rows: list[str], results: Path, script: str, argv: list[str] | None) -> None:
     """Print the table and append it, under the command that made it, to `results`/tables.md
     (every invocation's table, oldest first)."""
@@ -98,13 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference:
         rows.append(row(args.reference, None, evaluate("reference", args.reference, args.singles, args.pairs)))
         print(rows[-1], flush=True)
-    for steps in args.steps:
-        trained = train(steps, args.overrides)
-        label = " ".join([f"{steps} steps", *args.overrides])
-        metrics = evaluate(slug(label), f"runs:/{trained['run_id']}/model",
-                           args.singles, args.pairs)
-        rows.append(row(f"{label} (run {trained['run_id'][:8]})", trained, metrics))
-        print(rows[-1], flush=True)
+    rows += sweep(args.steps, args.overrides, train,
+                  lambda label, uri: evaluate(label, uri, args.singles, args.pairs), row)
     report(rows, RESULTS, "stage3_steps.py", argv)
     return 0
 
