@@ -17,7 +17,6 @@ background drawn as asked (each with the 95% interval of the evaluation's sampli
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -25,17 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from reproduce_mini import stack_env_missing, submit  # noqa: E402
 from stage3_steps import report, sweep, train_afresh  # noqa: E402
+from worker_threads import step_windows  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "stage2_steps"
 ASKED = ("colour", "shape", "background")
-STEP_LINE = re.compile(r"\] step (\d+)/(\d+) loss ([\d.]+)")
-
-
 def train(steps: int, overrides: list[str]) -> dict:
     summary, log = train_afresh("align", steps, overrides, RESULTS)
-    windows = [m for line in log.read_text().splitlines()
-               if (m := STEP_LINE.search(line)) and int(m.group(2)) == steps]
-    summary["last_loss"] = float(windows[-1].group(3)) if windows else float("nan")
+    windows = step_windows(log, steps)
+    summary["last_loss"] = windows[-1].loss if windows else float("nan")
     summary["steps"] = steps
     return summary
 

@@ -20,6 +20,7 @@ import statistics
 import sys
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -30,13 +31,28 @@ RESULTS = ROOT / "bench" / "results" / "worker_threads"
 # would otherwise have them written for all 10,000 scenes first).
 JOBS = {"pretrain": [], "align": [], "instruct": [], "mini_clip": [], "mini_text_clip": [],
         "mini_decoder": ["--set", "vae_steps=20", "--set", "data.precomputed=off"]}
-WINDOW = re.compile(r"\] step (\d+)/(\d+) .*samples/s ([\d.]+)")
+# The training loop's progress line (platform/train/loop.py): one per logged window of steps.
+STEP_LINE = re.compile(r"\] step (\d+)/(\d+) loss ([\d.]+) samples/s ([\d.]+)")
+
+
+class StepWindow(NamedTuple):
+    step: int
+    total: int
+    loss: float  # the window's mean loss
+    samples_per_s: float
+
+
+def step_windows(log: Path, steps: int) -> list[StepWindow]:
+    """The logged windows of a job log's `steps`-step part (a decoder job's VAE part has its own
+    total, and is left out)."""
+    windows = [StepWindow(int(m[1]), int(m[2]), float(m[3]), float(m[4]))
+               for line in log.read_text().splitlines() if (m := STEP_LINE.search(line))]
+    return [w for w in windows if w.total == steps]
 
 
 def samples_per_s(log: Path, steps: int) -> float:
     """Mean samples/s of the log's windows of the `steps`-step part, the first two left out."""
-    rates = [float(m.group(3)) for line in log.read_text().splitlines()
-             if (m := WINDOW.search(line)) and int(m.group(2)) == steps]
+    rates = [w.samples_per_s for w in step_windows(log, steps)]
     if len(rates) < 3:
         raise SystemExit(f"[worker_threads] {log}: {len(rates)} logged windows; ask for more --steps")
     return statistics.mean(rates[2:])
