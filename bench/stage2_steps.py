@@ -6,7 +6,7 @@ Table 2 measure of stage 2, whose ceiling is the frozen decoder told the same wo
 
     kosmos-g local up && eval "$(kosmos-g local env)"
     .venv/bin/python bench/stage2_steps.py --steps 600 3000 --reference models:/kosmos-g-mini-decoder/1
-    .venv/bin/python bench/stage2_steps.py --steps 3000 --set aligner.encoder_layers=0   # Table 2's ablation
+    .venv/bin/python bench/stage2_steps.py --steps 3000 --set model.aligner.encoder_layers=0   # Table 2's ablation
 
 Each run trains under a new name and registers nothing (its model stays in its MLflow run), so
 `bench/stage3_steps.py --set init=runs:/<run id>/model` can start a stage 3 from it. Prints, per
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", required=True, help="stage-2 step counts, one run each")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a stage-2 config override for every run, e.g. aligner.encoder_layers=0 (repeatable)")
+                        help="a stage-2 config override for every run, e.g. model.aligner.encoder_layers=0 (repeatable)")
     parser.add_argument("--reference", default="",
                         help="a model URI told the same words beside them, e.g. the mini decoder (the ceiling)")
     parser.add_argument("--singles", type=int, default=200)
