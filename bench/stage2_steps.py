@@ -5,13 +5,16 @@ each run then told the world evaluation's one-subject held-out cases in words
 Table 2 measure of stage 2, whose ceiling is the frozen decoder told the same words.
 
     kosmos-g local up && eval "$(kosmos-g local env)"
-    .venv/bin/python bench/stage2_steps.py --steps 600 3000 --reference models:/kosmos-g-mini-decoder/1
+    .venv/bin/python bench/stage2_steps.py --steps 600 3000 --decoder models:/kosmos-g-mini-decoder/1
     .venv/bin/python bench/stage2_steps.py --steps 3000 --set model.aligner.encoder_layers=0   # Table 2's ablation
 
 Each run trains under a new name and registers nothing (its model stays in its MLflow run), so
 `bench/stage3_steps.py --set init=runs:/<run id>/model` can start a stage 3 from it. Prints, per
 run: the job's wall time, steps/s, the last logged window's loss, and the colour, shape and
 background drawn as asked (each with the 95% interval of the evaluation's sampling) and CLIP-T.
+`--decoder` adds the ceiling row: the frozen mini decoder told the same cases with its own text
+encoder (`bench/shape_transfer.decoder_readings`, in this process; no CLIP-T), alone without
+`--steps`; `--reference` adds a trained Kosmos-G model (a stage 2 or 3) told them as the runs are.
 """
 
 from __future__ import annotations
@@ -43,6 +46,16 @@ def told_in_words(label: str, model_uri: str, singles: int) -> dict:
         "--set", "words=true"], results=RESULTS)
 
 
+def decoder_in_words(decoder_uri: str, singles: int) -> dict:
+    """The frozen decoder's metrics on the one-subject cases in words, named as `row` reads them
+    (the decoder is no Kosmos-G model, so the evaluation job cannot prompt it)."""
+    import shape_transfer
+
+    metrics, _ = shape_transfer.decoder_readings(decoder_uri, singles)
+    return {key.replace("world_single_", "world_words_"): value
+            for key, value in metrics.items() if key.startswith("world_single_")}
+
+
 def row(label: str, trained: dict | None, metrics: dict) -> str:
     from kosmos_g.platform.evaluation.world import rate_interval
 
@@ -64,17 +77,24 @@ def row(label: str, trained: dict | None, metrics: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, nargs="+", required=True, help="stage-2 step counts, one run each")
+    parser.add_argument("--steps", type=int, nargs="*", default=[], help="stage-2 step counts, one run each")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a stage-2 config override for every run, e.g. model.aligner.encoder_layers=0 (repeatable)")
+    parser.add_argument("--decoder", default="",
+                        help="a mini decoder URI told the same words with its own text encoder (the ceiling row)")
     parser.add_argument("--reference", default="",
-                        help="a model URI told the same words beside them, e.g. the mini decoder (the ceiling)")
+                        help="a trained Kosmos-G model URI told the same words beside them, e.g. models:/kosmos-g-align/1")
     parser.add_argument("--singles", type=int, default=200)
     args = parser.parse_args(argv)
+    if not (args.steps or args.decoder or args.reference):
+        parser.error("nothing to measure: give --steps, --decoder or --reference")
     if stack_env_missing():
         return 2
     rows = ["| stage 2 | training job (with its start) | steps/s | last loss | told in words: "
             + " | ".join(ASKED) + " | CLIP-T |", "|---|---|---|---|---|---|---|---|"]
+    if args.decoder:
+        rows.append(row(f"{args.decoder} (the decoder alone)", None, decoder_in_words(args.decoder, args.singles)))
+        print(rows[-1], flush=True)
     if args.reference:
         rows.append(row(args.reference, None, told_in_words("reference", args.reference, args.singles)))
         print(rows[-1], flush=True)

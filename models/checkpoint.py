@@ -113,8 +113,22 @@ def load_trainable(model, path: str | Path, skip: tuple[str, ...] = ()) -> None:
         raise ValueError(f"{path}: unexpected tensors {unknown[:5]}")
 
 
-def load_config(directory: str | Path, overrides: dict[str, Any] | None = None):
+def require_bundle(directory: str | Path) -> Path:
+    """`directory` if it holds a Kosmos-G checkpoint; else a FileNotFoundError that says what it
+    holds instead (a Stable Diffusion folder, as a registered mini decoder is, is the usual
+    mistake: the decoder Kosmos-G trains through, not a Kosmos-G model)."""
     directory = Path(directory)
+    if (directory / CONFIG_NAME).is_file():
+        return directory
+    if (directory / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{directory} is a diffusers pipeline folder (model_index.json), not a Kosmos-G checkpoint "
+            f"({CONFIG_NAME} + {WEIGHTS_NAME}); a decoder alone is not a model these jobs can prompt")
+    raise FileNotFoundError(f"{directory} holds no Kosmos-G checkpoint: no {CONFIG_NAME}")
+
+
+def load_config(directory: str | Path, overrides: dict[str, Any] | None = None):
+    directory = require_bundle(directory)
     data = json.loads((directory / CONFIG_NAME).read_text())
     cfg = apply_overrides(config_from_dict(data), overrides)
     decoder_path = cfg.image_decoder.pretrained_path

@@ -223,6 +223,9 @@ def generate_rows(rows: list[dict[str, Any]], out: str, bundle: str, batch_size:
     """Generate every row whose key has no PNG under `out` yet (see the module docstring)."""
     import ray
 
+    from kosmos_g.models.checkpoint import require_bundle
+
+    require_bundle(bundle)  # here, not in the first actor, so a wrong model fails before any work
     finished = done_keys(out)
     todo = [_row(r) for r in rows if str(r.get("key") or "") not in finished]
     print(f"[generate] {len(rows)} rows, {len(rows) - len(todo)} already done, {len(todo)} to generate", flush=True)

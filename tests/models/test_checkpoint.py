@@ -99,3 +99,22 @@ def test_servable_bundle_carries_the_random_decoder(tmp_path):
         assert torch.equal(tensor, loaded.image_decoder.unet.state_dict()[name]), name
     with torch.no_grad():
         assert torch.equal(model.encode_prompts(["a red cube"]), loaded.encode_prompts(["a red cube"]))
+
+
+def test_a_folder_without_a_checkpoint_is_refused_saying_what_it_holds(tmp_path):
+    """A registered mini decoder (a Stable Diffusion folder) given where a Kosmos-G model is
+    asked for: refused at once, by name, before anything is built."""
+    from diffusers import StableDiffusionPipeline
+
+    from tests.models.conftest import make_tiny
+
+    decoder = make_tiny().image_decoder
+    sd_folder = tmp_path / "sd"
+    StableDiffusionPipeline(
+        vae=decoder.vae, text_encoder=decoder.text_encoder, tokenizer=decoder.clip_tokenizer, unet=decoder.unet,
+        scheduler=decoder.noise_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(sd_folder)
+    with pytest.raises(FileNotFoundError, match="diffusers pipeline folder"):
+        load_model(sd_folder)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(tmp_path)

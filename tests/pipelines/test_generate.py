@@ -7,6 +7,7 @@ import io
 import json
 
 import pyarrow.parquet as pq
+import pytest
 import torch
 from PIL import Image
 
@@ -65,3 +66,16 @@ def test_generate_table_resume_and_bad_rows(ray_local, s3_prefix, tmp_path):
     assert storage.read_bytes(f"{out}/images/a.png") == first_a
     results = pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/results.parquet"))).to_pylist()
     assert sorted(r["key"] for r in results) == ["a", "b", "c", "d"]
+
+
+def test_a_model_folder_without_a_checkpoint_fails_before_any_actor(tmp_path):
+    """The driver refuses a folder that holds no Kosmos-G checkpoint (a registered mini decoder
+    given as `--model`, say) before Ray Data starts an actor, instead of each actor failing."""
+    import ray
+
+    from kosmos_g.pipelines.generate import generate_rows
+
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        generate_rows([{"key": "a", "prompt": "a red circle"}], str(out), str(tmp_path))
+    assert not out.exists() and not ray.is_initialized()
