@@ -31,6 +31,8 @@ from worker_threads import step_windows  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "stage2_steps"
 ASKED = ("colour", "shape", "background")
+
+
 def train(steps: int, overrides: list[str]) -> dict:
     summary, log = train_afresh("align", steps, overrides, RESULTS)
     windows = step_windows(log, steps)
