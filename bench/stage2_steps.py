@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from reproduce_mini import stack_env_missing, submit  # noqa: E402
-from stage3_steps import report, sweep, train_afresh  # noqa: E402
+from stage3_steps import rate_cell, report, sweep, train_afresh  # noqa: E402
 from worker_threads import step_windows  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "stage2_steps"
@@ -59,14 +59,7 @@ def decoder_in_words(decoder_uri: str, singles: int) -> dict:
 
 
 def row(label: str, trained: dict | None, metrics: dict) -> str:
-    from kosmos_g.platform.evaluation.world import rate_interval
-
-    cases = metrics["world_words_images"]
-    cells = []
-    for name in ASKED:
-        rate = metrics[f"world_words_{name}"]
-        low, high = rate_interval(rate, cases)
-        cells.append(f"{rate:.3f} ({low:.2f}–{high:.2f})")
+    cells = [rate_cell(metrics[f"world_words_{name}"], metrics["world_words_images"]) for name in ASKED]
     clip_t = metrics.get("world_words_clip_t")
     cells.append("–" if clip_t is None else f"{clip_t:.1f}")
     if trained:
