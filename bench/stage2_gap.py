@@ -36,22 +36,22 @@ UNSEEN_SEED = 1  # scenes of another seed: where the two-object captions the tra
 
 
 def caption_sets(per_set: int = 192) -> dict[str, list[str]]:
-    """The four caption sets, in a fixed order, from the world the jobs train on (seed 0)."""
+    """The four caption sets, in a fixed order, from the world the jobs train on (seed 0). The
+    two-object sets take captions in the order the scenes first show them (no pick by frequency)."""
     from kosmos_g.platform.data import world
 
     seen = Counter(scene.caption for scene in world.scenes(0, world.TRAINING_SCENES, "train"))
     seen_one = sorted(caption for caption in seen if " and " not in caption)
-    seen_two = sorted((caption for caption in seen if " and " in caption), key=lambda c: (-seen[c], c))
-    held_out = [f"a {colour} {shape} on a {world.held_out_background(colour)} background"
+    seen_two = [caption for caption in seen if " and " in caption]  # a Counter keeps first-seen order
+    box = (0, 0, world.MIN_OBJECT, world.MIN_OBJECT)  # captions do not say where; any box will do
+    held_out = [world.Scene(world.held_out_background(colour), (world.WorldObject(colour, shape, box),)).caption
                 for colour in world.COLOURS for shape in world.SHAPES]
     if any(caption in seen for caption in held_out):
         raise AssertionError("a held-out caption is in the training data: the world's split is broken")
-    unseen_two: list[str] = []
-    for scene in world.scenes(UNSEEN_SEED, world.TRAINING_SCENES, "train"):
-        if " and " in scene.caption and scene.caption not in seen and scene.caption not in unseen_two:
-            unseen_two.append(scene.caption)
+    unseen_two = dict.fromkeys(scene.caption for scene in world.scenes(UNSEEN_SEED, world.TRAINING_SCENES, "train")
+                               if " and " in scene.caption and scene.caption not in seen)
     return {"seen, one object": seen_one, "held out, one object": held_out,
-            "seen, two objects": seen_two[:per_set], "unseen, two objects": unseen_two[:per_set]}
+            "seen, two objects": seen_two[:per_set], "unseen, two objects": list(unseen_two)[:per_set]}
 
 
 def stage2_losses(model, captions: list[str], batch_size: int = 64) -> dict[str, float]:
