@@ -16,9 +16,10 @@ words-evaluation rows, which measure the same models by what their conditions ma
     kosmos-g local up && eval "$(kosmos-g local env)"
     .venv/bin/python bench/stage2_gap.py runs:/<stage-2 run id>/model runs:/<another>/model
 
-Runs in this process (forward passes only; a minute per model on 2 cores). Prints a markdown
-table: per model and set, the condition MSE against the CLIP text teacher (the loss that matters
-for generation) and the reconstruction loss, then each unseen set's MSE over its seen set's.
+Runs in this process (forward passes only; about 10 s per mini model on 2 cores). Prints a
+markdown table: per model and set, the condition MSE against the CLIP text teacher (the loss that
+matters for generation) and the reconstruction loss (scaled by each batch's padded length, as in
+training), then each unseen set's MSE over its seen set's.
 """
 
 from __future__ import annotations
