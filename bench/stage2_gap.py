@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-set", type=int, default=192, help="captions in each two-object set")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    if any(uri.startswith(("runs:/", "models:/")) for uri in args.models) and stack_env_missing():
+    from kosmos_g.platform.weights import REGISTRY_SCHEMES
+
+    if any(uri.startswith(REGISTRY_SCHEMES) for uri in args.models) and stack_env_missing():
         return 2
     sets = caption_sets(args.per_set)
     results = {}
