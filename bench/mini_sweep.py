@@ -239,7 +239,7 @@ def score_on(decoder, count: int, split: str = "train", guidance: float = 4.0, l
         from kosmos_g.platform.evaluation import world as world_eval
 
         pictures = case_pictures(decoder, count, guidance, layer)
-        return world_eval.summarise([{"kind": case.kind, **world_eval.score(case, picture)}
+        return world_eval.summarise([{"kind": case.kind, "prompt": case.prompt, **world_eval.score(case, picture)}
                                      for case, picture in pictures])
     prompts = eval_prompts(count, 1, split)
     images = text_to_image(decoder, [f"a {c} {s} on a {b} background" for c, s, b in prompts], guidance, layer=layer)

@@ -54,7 +54,8 @@ def decoder_readings(decoder_uri: str, singles: int, threads: int = 2) -> tuple[
     decoder = mini_sweep.load_decoder(decoder_uri)
     pictures = mini_sweep.case_pictures(decoder, singles)
     readings = [(case, world_eval.read_case(case, picture)) for case, picture in pictures]
-    metrics = world_eval.summarise([{"kind": case.kind, **reading.hits} for case, reading in readings])
+    metrics = world_eval.summarise([{"kind": case.kind, "prompt": case.prompt, **reading.hits}
+                                    for case, reading in readings])
     in_words = {case.key: reading.drawn_shape for case, reading in readings if case.kind == "single"}
     vae = decoder[1]
     cases = [case for case in world_eval.cases(singles, 0) if case.kind == "single"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -44,6 +45,9 @@ HITS = ("colour", "shape", "both_colours", "both_apart", "two_drawn", "copied_co
         "subject_background")
 DRAWN_SHAPES = (*world.SHAPES, "none")  # what `CaseReading.drawn_shape` reads: a shape, or nothing drawn
 CHANCE = {"colour": 1 / len(world.COLOURS), "shape": 1 / len(world.SHAPES)}
+# The hits averaged per held-out pairing too (`summarise`'s `_pairing_mean` metrics).
+PAIRING_HITS = ("colour", "shape", "both_colours", "background")
+ASKED_BACKGROUND = re.compile(r"on an? (\w+) background")
 
 
 @dataclass(frozen=True)
@@ -259,7 +263,8 @@ def shape_report(breakdown: dict[str, float], labels: Sequence[str]) -> list[str
 
 def summarise(scores: Sequence[dict]) -> dict[str, float]:
     """`world_<kind>_<metric>` means over {kind, colour, shape?, both_colours?, background, clip_i?,
-    clip_t} rows, and `world_<kind>_images` counts."""
+    clip_t} rows, and `world_<kind>_images` counts; where the rows carry their `prompt`, also
+    `world_<kind>_<hit>_pairing_mean`, the mean over held-out pairings (`by_pairing`)."""
     metrics: dict[str, float] = {}
     for kind in KINDS:
         rows = [s for s in scores if s["kind"] == kind]
@@ -270,7 +275,47 @@ def summarise(scores: Sequence[dict]) -> dict[str, float]:
             values = [r[name] for r in rows if r.get(name) is not None and not _missing(r[name])]
             if values:
                 metrics[f"world_{kind}_{name}"] = float(np.mean(values))
+        if all("prompt" in r for r in rows):
+            rates = by_pairing(rows)
+            for name in PAIRING_HITS:
+                per_pairing = [hits[name] for hits in rates.values() if name in hits]
+                if per_pairing:
+                    metrics[f"world_{kind}_{name}_pairing_mean"] = float(np.mean(per_pairing))
     return metrics
+
+
+def pairing(prompt: str) -> str:
+    """The held-out pairing a case tests, `yellow on white`, read from its prompt. Every kind asks
+    for the background its (first) subject's colour never appears on in training, and that
+    background names the colour (`world.held_out_background` is one-to-one)."""
+    asked = ASKED_BACKGROUND.search(prompt)
+    if asked is None or asked.group(1) not in world.COLOURS:
+        raise ValueError(f"no palette background asked for in {prompt!r}")
+    background = asked.group(1)
+    colour = next(c for c in world.COLOURS if world.held_out_background(c) == background)
+    return f"{colour} on {background}"
+
+
+def by_pairing(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """{pairing: {"cases": n, <hit>: rate}} over score rows (each with its `prompt`), pairings in
+    palette order. The world holds out eight pairings, one per subject colour, and a model tends to
+    bind a pairing or not as a whole, so the cases of one pairing do not vary independently: these
+    rates say which pairings a model has, and their mean weighs each pairing once, whatever share
+    of the cases a seeded draw gave it."""
+    grouped: dict[str, list[dict]] = {}
+    for row in rows:
+        grouped.setdefault(pairing(row["prompt"]), []).append(row)
+    found = {}
+    for colour in world.COLOURS:
+        name = f"{colour} on {world.held_out_background(colour)}"
+        if name not in grouped:
+            continue
+        found[name] = {"cases": float(len(grouped[name]))}
+        for hit in PAIRING_HITS:
+            values = [v for v in (hit_value(r.get(hit)) for r in grouped[name]) if v is not None]
+            if values:
+                found[name][hit] = float(np.mean(values))
+    return found
 
 
 def rate_interval(rate: float, cases: float, z: float = 1.96) -> tuple[float, float]:
@@ -287,6 +332,14 @@ def rate_interval(rate: float, cases: float, z: float = 1.96) -> tuple[float, fl
 
 def _missing(value) -> bool:
     return isinstance(value, float) and np.isnan(value)
+
+
+def hit_value(value) -> float | None:
+    """A hit as a number, from a score row or its line in `world/scores.csv` (None: not scored)."""
+    if value is None or value == "":
+        return None
+    number = float(value)
+    return None if np.isnan(number) else number
 
 
 def sample_grid(scores: Sequence[dict], per_kind: int = 4) -> Image.Image:

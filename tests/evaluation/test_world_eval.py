@@ -169,6 +169,18 @@ def test_world_job_records_scores_per_model(s3_prefix, tmp_path, clip_dir, capsy
     assert breakdown["cases"] == 3 and breakdown["full/all"] == np.mean([r["shape"] == "1.0" for r in singles.values()])
     assert lines[0].startswith("| asked shape | cases | full: shape drawn |")
 
+    # bench/heldout_pairings.py finds the job's scores by the model it was given, and its tables
+    # agree with the job's metrics, over all cases and per pairing.
+    import heldout_pairings
+
+    words = heldout_pairings.scores_of(str(bundle), "words")
+    assert sorted(r["key"] for r in words) == sorted(r["key"] for r in scored if r["kind"] == "words")
+    lines = heldout_pairings.table("colour", ["tiny", "tiny again"], [words, words])
+    assert f"| all cases | | {metrics['world_words_colour']:.3f} | {metrics['world_words_colour']:.3f} |" in lines
+    assert f"| mean over pairings | | {metrics['world_words_colour_pairing_mean']:.3f} |" in "\n".join(lines)
+    with pytest.raises(LookupError, match="no finished world evaluation"):
+        heldout_pairings.scores_of(str(tmp_path / "never-evaluated"), "words")
+
 
 def _palette_reader(swap: bool):
     """Similarity of a reader that takes the background as the border's commonest palette colour
@@ -282,3 +294,35 @@ def test_shape_breakdown_reads_drawn_shapes_and_pairs_two_sources_by_case():
     # One source alone: no pairing.
     alone = world_eval.shape_breakdown(singles, {"full": model})
     assert "paired/both" not in alone and not any("Paired" in line for line in world_eval.shape_report(alone, ["full"]))
+
+
+def test_pairings_read_from_prompts_weigh_each_held_out_pairing_once():
+    cases = world_eval.cases(40, 10, seed=3, words=True)
+    for case in cases:  # every kind asks for its first subject's held-out background
+        assert world_eval.pairing(case.prompt) == f"{case.subjects[0].colour} on {case.background}"
+    with pytest.raises(ValueError, match="no palette background"):
+        world_eval.pairing("a <image> on a grey background")
+
+    # A model that draws red and blue subjects' colours and no other: per pairing 1 or 0.
+    drawn = {"red", "blue"}
+    rows = [{"kind": c.kind, "prompt": c.prompt, "colour": float(c.subjects[0].colour in drawn),
+             "background": 1.0, "shape": float("nan") if c.kind == "pair" else 0.0} for c in cases]
+    singles = [r for r in rows if r["kind"] == "single"]
+    found = world_eval.by_pairing(singles)
+    assert list(found) == [f"{c} on {world.held_out_background(c)}" for c in world.COLOURS if f"{c} on "
+                           f"{world.held_out_background(c)}" in found]  # palette order
+    assert sum(hits["cases"] for hits in found.values()) == 40
+    assert {name: hits["colour"] for name, hits in found.items()} == {
+        name: float(name.split()[0] in drawn) for name in found}
+    metrics = world_eval.summarise(rows)
+    assert metrics["world_single_colour_pairing_mean"] == sum(n.split()[0] in drawn for n in found) / len(found)
+    assert metrics["world_single_colour"] == np.mean([r["colour"] for r in singles])
+    assert metrics["world_single_colour"] != metrics["world_single_colour_pairing_mean"]  # the draw is uneven
+    assert "world_pair_shape_pairing_mean" not in metrics and metrics["world_pair_background_pairing_mean"] == 1.0
+    # Rows as `world/scores.csv` holds them: strings, "nan" where a hit is not scored.
+    as_read = [{k: ("nan" if isinstance(v, float) and np.isnan(v) else str(v)) for k, v in r.items()} for r in rows]
+    assert world_eval.by_pairing([r for r in as_read if r["kind"] == "single"]) == found
+    assert all("shape" not in hits for hits in world_eval.by_pairing([r for r in as_read if r["kind"] == "pair"]).values())
+    # Rows without prompts (the bench scripts' in-process readings) get no pairing means.
+    assert not any(k.endswith("_pairing_mean") for k in world_eval.summarise([{k: v for k, v in r.items()
+                                                                                 if k != "prompt"} for r in rows]))
