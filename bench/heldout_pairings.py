@@ -8,7 +8,8 @@ white`), for one kind of case (`words`: told in words; `single`: the subject sho
 
 A model is named as its evaluation was (`--model`, pinned: `models:/kosmos-g/3`, `runs:/<id>/model`),
 and its latest finished world evaluation with cases of that kind is read; nothing is generated.
-Prints, for each hit (colour, shape, background), a markdown table of the pairings against the
+Prints, for each hit (colour, shape, background; `swapped`: the subject's colour and the background
+exchanged, read by evaluations since 2026-12-07), a markdown table of the pairings against the
 models, then the mean over all cases (the evaluation's metric), the mean over pairings (each
 pairing weighed once), and how many pairings each model draws as asked in at least half their
 cases. Seeds of one config that differ by 0.2 in a metric differ in which pairings they bind;
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from reproduce_mini import stack_env_missing  # noqa: E402
 
-HITS = ("colour", "shape", "background")
+HITS = ("colour", "shape", "background", "swapped")
 BOUND = 0.5  # a pairing counts as drawn when at least this share of its cases is
 
 
@@ -74,11 +75,13 @@ def table(hit: str, labels: list[str], rows_per_model: list[list[dict]]) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kosmos_g.platform.evaluation.world import PAIRING_HITS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="model URIs as their world evaluations were given them")
     parser.add_argument("--kind", default="words", choices=("single", "words", "text", "pair"))
     parser.add_argument("--labels", nargs="*", help="a column label per model (default: the URIs)")
-    parser.add_argument("--hits", nargs="*", default=list(HITS), choices=("colour", "shape", "both_colours", "background"))
+    parser.add_argument("--hits", nargs="*", default=list(HITS), choices=PAIRING_HITS)
     args = parser.parse_args(argv)
     if args.labels and len(args.labels) != len(args.models):
         parser.error(f"{len(args.labels)} labels for {len(args.models)} models")

@@ -5,7 +5,9 @@ Cases, all on the background a subject's colour never appears on in training
 (`world.held_out_background`):
 
 - `single`: `a <image> on a <b> background`, the subject (one object) shown on a third colour;
-  scored by the generated largest object's colour and shape, and the background.
+  scored by the generated largest object's colour and shape, and the background; how it fails:
+  drawn in the subject image's background colour (`subject_background`), or with the subject's
+  colour and the background exchanged (`swapped`).
 - `pair`: `a <image> and a <image> on a <b> background`, `b` held out for the first subject;
   scored by whether both subjects' colours are present (objects drawn touching read as one object
   per colour; `both_apart`: present on objects apart, as the scorer read them before 2026-12-05),
@@ -42,11 +44,11 @@ KINDS = ("single", "pair", "text", "words")
 IMAGE_KINDS = ("single", "pair")  # the kinds whose prompt shows the subject images
 # What `score` reads from one image (a kind has a subset), in the order the scores table lists them.
 HITS = ("colour", "shape", "both_colours", "both_apart", "two_drawn", "copied_colour", "background",
-        "subject_background")
+        "subject_background", "swapped")
 DRAWN_SHAPES = (*world.SHAPES, "none")  # what `CaseReading.drawn_shape` reads: a shape, or nothing drawn
 CHANCE = {"colour": 1 / len(world.COLOURS), "shape": 1 / len(world.SHAPES)}
 # The hits averaged per held-out pairing too (`summarise`'s `_pairing_mean` metrics).
-PAIRING_HITS = ("colour", "shape", "both_colours", "background")
+PAIRING_HITS = ("colour", "shape", "both_colours", "background", "swapped")
 ASKED_BACKGROUND = re.compile(r"on an? (\w+) background")
 
 
@@ -199,6 +201,11 @@ def read_case(case: WorldCase, image: Image.Image) -> CaseReading:
         # The object drawn in the colour of the subject image's background: the model found the
         # crop's colours but not which of them is the object.
         hits["subject_background"] = float(largest is not None and largest.colour == case.subjects[0].shown_on)
+        # The subject's colour and the asked background exchanged (`an orange star on a red
+        # background` drawn red on orange): a pairing the training data holds, colour and background
+        # read from the words but not bound to object and ground.
+        hits["swapped"] = float(largest is not None and largest.colour == case.background
+                                and reading.background == case.subjects[0].colour)
     return CaseReading(hits, largest.shape if largest is not None else "none")
 
 
@@ -291,9 +298,12 @@ def pairing(prompt: str) -> str:
     asked = ASKED_BACKGROUND.search(prompt)
     if asked is None or asked.group(1) not in world.COLOURS:
         raise ValueError(f"no palette background asked for in {prompt!r}")
-    background = asked.group(1)
-    colour = next(c for c in world.COLOURS if world.held_out_background(c) == background)
-    return f"{colour} on {background}"
+    return pairing_name(next(c for c in world.COLOURS if world.held_out_background(c) == asked.group(1)))
+
+
+def pairing_name(colour: str) -> str:
+    """`yellow on white`: a subject colour on the background it is held out from."""
+    return f"{colour} on {world.held_out_background(colour)}"
 
 
 def by_pairing(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
@@ -306,8 +316,7 @@ def by_pairing(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
     for row in rows:
         grouped.setdefault(pairing(row["prompt"]), []).append(row)
     found = {}
-    for colour in world.COLOURS:
-        name = f"{colour} on {world.held_out_background(colour)}"
+    for name in map(pairing_name, world.COLOURS):
         if name not in grouped:
             continue
         found[name] = {"cases": float(len(grouped[name]))}

@@ -74,14 +74,18 @@ def test_subject_images_show_the_subject_on_its_own_background():
 def test_scorer_is_exact_on_rendered_answers_and_misses():
     for case in world_eval.cases(12, 12, seed=5, words=True):
         hits = world_eval.score(case, _answer(case))
-        leak, copied = hits.pop("subject_background", 0.0), hits.pop("copied_colour", 0.0)
-        assert leak == copied == 0.0 and all(value == 1.0 for value in hits.values()), (case, hits)
+        leak, copied, swapped = (hits.pop(name, 0.0) for name in ("subject_background", "copied_colour", "swapped"))
+        assert leak == copied == swapped == 0.0 and all(value == 1.0 for value in hits.values()), (case, hits)
         wrong = [c for c in world.COLOURS if c != case.background and c not in {s.colour for s in case.subjects}]
         missed = world_eval.score(case, _answer(case, wrong[: len(case.subjects)]))
         assert missed["colour"] == 0.0 and missed["background"] == 1.0
         if case.kind in ("single", "words"):  # drawn in the colour the subject image's background has
             leaked = world_eval.score(case, _answer(case, [case.subjects[0].shown_on]))
-            assert (leaked["colour"], leaked["subject_background"]) == (0.0, 1.0)
+            assert (leaked["colour"], leaked["subject_background"], leaked["swapped"]) == (0.0, 1.0, 0.0)
+            subject = case.subjects[0]  # subject colour and background exchanged
+            exchanged = world.Scene(subject.colour, (world.WorldObject(case.background, subject.shape, (4, 14, 34, 44)),))
+            swapped = world_eval.score(case, exchanged.render(32))
+            assert (swapped["colour"], swapped["background"], swapped["shape"], swapped["swapped"]) == (0.0, 0.0, 1.0, 1.0)
         if case.kind == "pair":  # the two ways a pair fails
             first, second = case.subjects
             copied = world_eval.score(case, _answer(case, [second.colour, second.colour]))
@@ -135,8 +139,9 @@ def test_world_job_records_scores_per_model(s3_prefix, tmp_path, clip_dir, capsy
     metrics = run.data.metrics
     assert (metrics["world_single_images"], metrics["world_text_images"], metrics["world_pair_images"],
             metrics["world_words_images"]) == (3, 3, 2, 3)
-    for kind, names in {"single": ("colour", "shape", "background"), "text": ("colour", "shape", "background"),
-                        "words": ("colour", "shape", "background"),
+    for kind, names in {"single": ("colour", "shape", "background", "swapped"),
+                        "text": ("colour", "shape", "background", "swapped"),
+                        "words": ("colour", "shape", "background", "swapped", "colour_pairing_mean"),
                         "pair": ("colour", "both_colours", "two_drawn", "copied_colour", "background")}.items():
         for metric in names:
             assert 0.0 <= metrics[f"world_{kind}_{metric}"] <= 1.0
@@ -309,8 +314,8 @@ def test_pairings_read_from_prompts_weigh_each_held_out_pairing_once():
              "background": 1.0, "shape": float("nan") if c.kind == "pair" else 0.0} for c in cases]
     singles = [r for r in rows if r["kind"] == "single"]
     found = world_eval.by_pairing(singles)
-    assert list(found) == [f"{c} on {world.held_out_background(c)}" for c in world.COLOURS if f"{c} on "
-                           f"{world.held_out_background(c)}" in found]  # palette order
+    assert list(found) == [name for name in map(world_eval.pairing_name, world.COLOURS) if name in found]  # palette order
+    assert world_eval.pairing_name("yellow") == "yellow on white"
     assert sum(hits["cases"] for hits in found.values()) == 40
     assert {name: hits["colour"] for name, hits in found.items()} == {
         name: float(name.split()[0] in drawn) for name in found}
