@@ -279,7 +279,7 @@ def summarise(scores: Sequence[dict]) -> dict[str, float]:
             continue
         metrics[f"world_{kind}_images"] = float(len(rows))
         for name in (*HITS, "clip_i", "clip_t"):
-            values = [r[name] for r in rows if r.get(name) is not None and not _missing(r[name])]
+            values = [v for v in (hit_value(r.get(name)) for r in rows) if v is not None]
             if values:
                 metrics[f"world_{kind}_{name}"] = float(np.mean(values))
         if all("prompt" in r for r in rows):
@@ -339,12 +339,9 @@ def rate_interval(rate: float, cases: float, z: float = 1.96) -> tuple[float, fl
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
-def _missing(value) -> bool:
-    return isinstance(value, float) and np.isnan(value)
-
-
 def hit_value(value) -> float | None:
-    """A hit as a number, from a score row or its line in `world/scores.csv` (None: not scored)."""
+    """A hit (or CLIP score) as a number, from a score row or its line in `world/scores.csv` (None:
+    not scored)."""
     if value is None or value == "":
         return None
     number = float(value)
