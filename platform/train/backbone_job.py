@@ -34,7 +34,7 @@ from kosmos_g.platform.train.backbones import (BackboneConfig, ClipTask, UnetTas
                                                to_tensors)
 from kosmos_g.platform.train.config import OptimConfig, TrainConfig, world_root
 from kosmos_g.platform.train.decoder_inputs import ensure_decoder_inputs
-from kosmos_g.platform.train.job import RESUMABLE, check_resumable, checkpoint_uri, run_trainer
+from kosmos_g.platform.train.job import RESUMABLE, check_cpu_room, check_resumable, checkpoint_uri, run_trainer
 from kosmos_g.platform.train.loop import BUNDLE_DIR
 
 
@@ -199,6 +199,7 @@ def run_backbone(cfg: BackboneConfig) -> str | None:
         print(f"[{cfg.pipeline}] {cfg.registered_name}/{existing} was trained with this config: reused "
               "(--set force=true trains again)", flush=True)
         return f"{cfg.registered_name}/{existing}"
+    check_cpu_room(cfg)
     if cfg.kind == "decoder":
         cfg.name = decoder_run_name(cfg.name, cfg.clip_model)  # clip_model is pinned by now
     resume_hash = fingerprint(cfg, NOT_DECIDING + RESUMABLE)

@@ -206,6 +206,37 @@ def _use_gpu(cfg) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+# Ray Data runs some of a stream's tasks on one whole CPU, whatever the job asks for: the parquet
+# reader's file listing (its ListFiles operator takes no resource arguments) and the repartition
+# of a long stream's window items. With under one CPU left beside the Train workers and the
+# stream's first preprocessing actor, such a task never starts and the workers wait for their
+# first batch for ever (two `mini` stage-3 workers of 0.5 CPU on the 2-core local stack did).
+STREAM_TASK_CPUS = 1.0
+
+
+def check_cpu_room(cfg) -> None:
+    """A clear error, before any run starts, where the cluster's CPUs cannot hold the Train
+    workers' reservation, one preprocessing actor and a whole-CPU stream task at once; a warning
+    where they could but others hold them now (a Serve application on the local stack does)."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    needed = cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.data.num_cpus
+    left = total - needed
+    if left < STREAM_TASK_CPUS:
+        raise ConfigError(
+            f"the cluster has {total:g} CPUs; {cfg.train.num_workers} Train worker(s) x train.cpus_per_worker="
+            f"{cfg.train.cpus_per_worker:g} and a preprocessing actor (data.num_cpus={cfg.data.num_cpus:g}) leave "
+            f"{left:g}, and Ray Data's file listing needs {STREAM_TASK_CPUS:g} whole CPU beside them (without it "
+            "the job would wait for its first batch for ever): lower train.cpus_per_worker or train.num_workers, "
+            "or add CPUs (`kosmos-g local up --worker-nodes N`)")
+    free = ray.available_resources().get("CPU", 0.0)
+    if free - needed < STREAM_TASK_CPUS:
+        print(f"warning: {free:g} of the cluster's {total:g} CPUs are free now and this job needs "
+              f"{needed + STREAM_TASK_CPUS:g} at once; it waits until others free them (on the local stack, "
+              "a running service holds some: `kosmos-g serve --stop`)", file=sys.stderr, flush=True)
+
+
 def pin_backbones(cfg: StageConfig) -> None:
     """Registered backbones (`models:/…/latest`, the mini presets) pinned to their newest
     version before any worker starts, so all of them load the same weights."""
@@ -367,6 +398,7 @@ def run_stage(cfg: StageConfig, evaluator=None) -> StageResult:
     reused = registered_result(cfg, config_hash)
     if reused:
         return reused
+    check_cpu_room(cfg)
     resume_hash = fingerprint(cfg, NOT_DECIDING + RESUMABLE, init_uri=init_uri)
     cfg.name = own_run_name(cfg, init_uri, resume_hash, config_hash, picks_latest)
     run_id, resumed = tracking.start_run(cfg.pipeline, cfg.name, cfg, tags={"stage": str(cfg.stage)})

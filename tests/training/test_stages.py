@@ -3,6 +3,7 @@ workers) against the real S3 and MLflow servers, chained through the registry.""
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 
@@ -140,6 +141,48 @@ def test_a_bad_evaluation_table_fails_before_training(sample_data, tmp_path):
         run_stage(cfg)
     with pytest.raises(ConfigError, match="needs eval.dino and eval.clip"):
         run_stage(_config(3, prefixes, root, name="never-trains", **{"eval.prompts": str(table)}), EndOfStageEval())
+
+
+def test_a_job_whose_workers_leave_the_stream_no_whole_cpu_fails_before_its_run(sample_data, ray_local, capsys):
+    """Ray Data's file listing takes one whole CPU beside the Train workers' reservation; without it
+    the job would hang at its first batch (two 0.5-CPU workers on 2 cores did). The session cluster
+    has 4 CPUs: 2 workers x 1.5 and an actor of 0.5 leave 0.5."""
+    import ray
+
+    from kosmos_g.platform.config import ConfigError
+
+    root, prefixes = sample_data
+    assert ray.cluster_resources()["CPU"] == 4
+    name = f"no-room-{uuid.uuid4().hex[:6]}"
+    cfg = _config(1, prefixes, root, name=name, init="random",
+                  **{"train.cpus_per_worker": 1.5, "data.num_cpus": 0.5})
+    with pytest.raises(ConfigError, match=r"4 CPUs; 2 Train worker\(s\) x train.cpus_per_worker=1.5 .* leave 0.5"):
+        run_stage(cfg)
+    experiment = tracking.client().get_experiment_by_name(tracking.experiment_name("pretrain"))
+    assert experiment is None or tracking.find_run(experiment.experiment_id, name) is None
+    # One CPU left is enough: the same job with 1.25 per worker is not refused. Where others hold
+    # the CPUs it needs (a Serve application on the local stack), it is told why it will wait.
+    from kosmos_g.platform.train.job import check_cpu_room
+
+    fits = _config(1, prefixes, root, **{"train.cpus_per_worker": 1.25, "data.num_cpus": 0.5})
+    check_cpu_room(fits)
+    capsys.readouterr()
+    # Hold all but one of the CPUs free now (earlier tests' services may hold some already).
+    holder = ray.remote(num_cpus=ray.available_resources()["CPU"] - 1)(_CpuHolder).remote()
+    ray.get(holder.ready.remote())
+    try:
+        deadline = time.monotonic() + 30
+        while ray.available_resources().get("CPU", 0) > 1 and time.monotonic() < deadline:
+            time.sleep(0.2)  # the GCS's view of the raylet's resources lags a little
+        check_cpu_room(fits)
+        assert "1 of the cluster's 4 CPUs are free now and this job needs 4 at once" in capsys.readouterr().err
+    finally:
+        ray.kill(holder)
+
+
+class _CpuHolder:
+    def ready(self) -> bool:
+        return True
 
 
 def test_each_stage_starts_from_the_previous_registration(chain):
