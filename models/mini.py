@@ -31,14 +31,6 @@ class MiniClipConfig:
     image_size: int = 32
     patch_size: int = 4
     projection_dim: int = 128
-    # Each scene caption's role swap (its background and first object's colours exchanged) as one
-    # more text its image must not match, where the swap is a seen scene (`world.role_swap`):
-    # hard negatives that ask the text encoder to keep the roles apart. Off: CLIP's own loss.
-    role_negatives: bool = False
-
-    def inert_fields(self) -> list[str]:
-        """Left out of job fingerprints at their defaults (CLIPs registered before they existed)."""
-        return ["role_negatives"] if not self.role_negatives else []
 
 
 @dataclass
@@ -94,24 +86,9 @@ def build_clip(cfg: MiniClipConfig):
     ))
 
 
-def clip_loss(clip, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-              negatives: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """CLIP's symmetric contrastive loss over the batch. With `negatives` (input ids, attention
-    mask, and whether each row is a real negative: B of each), each image also scores the B
-    negative texts, the invalid ones left out, in its image-to-text cross-entropy; the
-    text-to-image side is CLIP's own."""
-    if negatives is None:
-        return clip(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                    return_loss=True).loss
-    negative_ids, negative_mask, valid = negatives
-    count = input_ids.shape[0]
-    logits = clip(input_ids=torch.cat([input_ids, negative_ids]), attention_mask=torch.cat([attention_mask, negative_mask]),
-                  pixel_values=pixel_values).logits_per_image  # (B images, 2B texts)
-    labels = torch.arange(count, device=logits.device)
-    left_out = torch.cat([torch.zeros_like(valid, dtype=torch.bool), ~valid.bool()])
-    image_loss = F.cross_entropy(logits.masked_fill(left_out[None, :], float("-inf")), labels)
-    text_loss = F.cross_entropy(logits[:, :count].t(), labels)
-    return (image_loss + text_loss) / 2
+def clip_loss(clip, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric contrastive loss over the batch."""
+    return clip(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, return_loss=True).loss
 
 
 def build_vae(cfg: MiniDecoderConfig):

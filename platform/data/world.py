@@ -35,30 +35,6 @@ def held_out_background(colour: str) -> str:
     return COLOURS[(COLOURS.index(colour) + 3) % len(COLOURS)]
 
 
-def allowed_in_training(colour: str, background: str) -> bool:
-    """Whether an object of `colour` may appear on `background` in training data."""
-    return colour != background and held_out_background(colour) != background
-
-
-def role_swap(caption: str) -> str | None:
-    """The caption with its background colour and its first object's colour exchanged (`a red
-    circle on a blue background` -> `a blue circle on a red background`), where the swapped scene
-    could be training data; None where it could not (it would put an object on its held-out
-    background: the swap of `red on orange` is the held-out `orange on red`) or where `caption` is
-    not a scene caption."""
-    things, joiner, rest = caption.partition(" on a ")
-    if not joiner or not rest.endswith(" background"):
-        return None
-    background = rest.removesuffix(" background")
-    objects = [phrase.removeprefix("a ").split(" ") for phrase in things.split(" and ")]
-    if background not in PALETTE or any(len(o) != 2 or o[0] not in PALETTE or o[1] not in SHAPES for o in objects):
-        return None
-    objects[0][0], background = background, objects[0][0]
-    if not all(allowed_in_training(colour, background) for colour, _ in objects):
-        return None
-    return " and ".join(f"a {colour} {shape}" for colour, shape in objects) + f" on a {background} background"
-
-
 @dataclass(frozen=True)
 class WorldObject:
     colour: str

@@ -79,19 +79,13 @@ class BackboneConfig:
 
 class BackbonePreprocessor:
     """Ray Data UDF: caption records -> CLIP tokens (padded to 77, as SD's CLIP) and pixels at the
-    backbone's size (`clip`: CLIP-normalised; `vae`: in [-1, 1]). With `role_negatives`, also
-    each caption's role swap (`world.role_swap`) tokenised as `negative_*`, and whether it has one."""
+    backbone's size (`clip`: CLIP-normalised; `vae`: in [-1, 1])."""
 
-    def __init__(self, image_size: int, pixels: str, role_negatives: bool = False):
+    def __init__(self, image_size: int, pixels: str):
         from kosmos_g.models.tokenizers import build_clip_tokenizer
 
         self.tokenizer = build_clip_tokenizer()
-        self.image_size, self.pixels, self.role_negatives = image_size, pixels, role_negatives
-
-    def tokens(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        tokens = self.tokenizer(captions, padding="max_length", max_length=CONDITION_LENGTH, truncation=True,
-                                return_tensors="np")
-        return tokens["input_ids"].astype(np.int64), tokens["attention_mask"].astype(np.int64)
+        self.image_size, self.pixels = image_size, pixels
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         from kosmos_g.models.images import clip_preprocess, to_pil, vae_preprocess
@@ -102,21 +96,14 @@ class BackbonePreprocessor:
             # the decoder's precomputed inputs (decoder_inputs.py)
             return {name: stack_npy(table.column(name).to_pylist()) for name in ("latent_moments", "condition")}
         captions = table.column("caption").to_pylist()
-        input_ids, attention_mask = self.tokens(captions)
+        tokens = self.tokenizer(captions, padding="max_length", max_length=CONDITION_LENGTH, truncation=True,
+                                return_tensors="np")
         prepare = clip_preprocess if self.pixels == "clip" else vae_preprocess
         images = [prepare(to_pil(imaging.decode_image(data)), self.image_size).numpy()
                   for data in table.column("image").to_pylist()]
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-                 "pixel_values": np.stack(images).astype(np.float32)}
-        if self.role_negatives:
-            from kosmos_g.platform.data.world import role_swap
-
-            swaps = [role_swap(caption) for caption in captions]
-            # A caption without a swap stands in as its own (masked) negative.
-            batch["negative_input_ids"], batch["negative_attention_mask"] = self.tokens(
-                [swap or caption for swap, caption in zip(swaps, captions)])
-            batch["negative_valid"] = np.array([swap is not None for swap in swaps])
-        return batch
+        return {"input_ids": tokens["input_ids"].astype(np.int64),
+                "attention_mask": tokens["attention_mask"].astype(np.int64),
+                "pixel_values": np.stack(images).astype(np.float32)}
 
 
 def to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -129,9 +116,7 @@ def backbone_dataset(cfg: BackboneConfig, pixels: str, image_size: int, inputs: 
     precomputed inputs beside them), those read instead of tokenising and decoding."""
     from kosmos_g.platform.data.datastream import preprocessed_stream
 
-    kwargs = {"image_size": image_size, "pixels": pixels,
-              "role_negatives": cfg.trains_clip and cfg.clip.role_negatives}
-    return preprocessed_stream(2, cfg.data, BackbonePreprocessor, kwargs,
+    return preprocessed_stream(2, cfg.data, BackbonePreprocessor, {"image_size": image_size, "pixels": pixels},
                                {"captions": ["key"] if inputs else ["key", "caption", "image"]},
                                siblings={"captions": inputs} if inputs else None)
 
@@ -161,10 +146,10 @@ class ClipTrainee(_Trainee):
         clip.logit_scale = nn.Parameter(clip.logit_scale.detach().reshape(()))
         return clip
 
-    def forward(self, input_ids, attention_mask, pixel_values, negatives=None):
+    def forward(self, input_ids, attention_mask, pixel_values, generator=None, cond_dropout=0.0):
         from kosmos_g.models.mini import clip_loss
 
-        return {"loss": clip_loss(self.clip, input_ids, attention_mask, pixel_values, negatives)}
+        return {"loss": clip_loss(self.clip, input_ids, attention_mask, pixel_values)}
 
 
 class ClipTask(Task):
@@ -175,9 +160,7 @@ class ClipTask(Task):
         return ClipTrainee(cfg.clip).to(device).train()
 
     def losses(self, model, batch, cfg, generator=None, training=True):
-        negatives = (batch["negative_input_ids"], batch["negative_attention_mask"], batch["negative_valid"]) \
-            if "negative_valid" in batch else None
-        return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], negatives)
+        return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
 
     def save_bundle(self, model, directory):
         from kosmos_g.models.tokenizers import build_clip_tokenizer

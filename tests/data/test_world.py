@@ -180,24 +180,3 @@ def test_stage3_entity_images_with_removed_backgrounds(removed_background):
         assert np.mean([f is not None for f in fills]) > 0.9, corners  # a square's corner may blend
         assert all(f != scene.objects[0].colour for f, scene in zip(fills, scene_list))
         assert len(set(fills) - {None}) >= 6
-
-
-def test_role_swap_exchanges_the_background_and_the_first_object_and_stays_in_training():
-    assert world.role_swap("a red circle on a blue background") == "a blue circle on a red background"
-    assert (world.role_swap("a red circle and a yellow star on a blue background")
-            == "a blue circle and a yellow star on a red background")
-    # The swap of a seen pairing whose reverse is held out (red on orange -> orange on red) is none.
-    assert world.held_out_background("orange") == "red"
-    assert world.role_swap("a red triangle on a orange background") is None
-    assert world.role_swap("a red circle") is None and world.role_swap("a red blob on a blue background") is None
-    swapped = 0
-    for scene in world.scenes(0, 2000):
-        swap = world.role_swap(scene.caption)
-        if swap is None:
-            continue
-        swapped += 1
-        assert world.role_swap(swap) == scene.caption  # exchanging again gives the caption back
-        things, background = swap.removesuffix(" background").split(" on a ")
-        for phrase in things.split(" and "):
-            assert world.allowed_in_training(phrase.split()[1], background), swap
-    assert 0.5 < swapped / 2000 < 1.0, swapped
