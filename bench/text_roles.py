@@ -50,6 +50,12 @@ class RoleCase:
     def swapped(self) -> "RoleCase":
         return RoleCase(self.background, self.shape, self.colour)
 
+    def scene(self):
+        """The case drawn: its one object in the middle of its background."""
+        from kosmos_g.platform.data import world
+
+        return world.Scene(self.background, (world.WorldObject(self.colour, self.shape, BOX),))
+
 
 def role_cases(split: str) -> list[RoleCase]:
     """`held`: each colour on its held-out background, every shape (32 cases); `seen`: each colour on
@@ -64,26 +70,20 @@ def role_cases(split: str) -> list[RoleCase]:
     return cases
 
 
-def _features(output) -> torch.Tensor:
-    # transformers 4 returns the projected features; 5 an output whose pooler_output holds them
-    return output if torch.is_tensor(output) else output.pooler_output
-
-
 @torch.no_grad()
 def readings(clip, tokenizer, cases: list[RoleCase]) -> dict[str, torch.Tensor]:
     """Per case: `prefers` (1.0 where the scene's image embedding is nearer the right caption),
     `text_cos` and `condition_cos` of the right caption against its swap."""
     from kosmos_g.models.images import clip_preprocess
     from kosmos_g.models.mini import CONDITION_LENGTH
-    from kosmos_g.platform.data import world
+    from kosmos_g.platform.evaluation.metrics import projected
 
     size = clip.config.vision_config.image_size
-    pixels = torch.stack([clip_preprocess(world.Scene(case.background, (world.WorldObject(
-        case.colour, case.shape, BOX),)).render(), size) for case in cases])
+    pixels = torch.stack([clip_preprocess(case.scene().render(), size) for case in cases])
     tokens = tokenizer([c.caption for c in cases] + [c.swapped.caption for c in cases], padding="max_length",
                        max_length=CONDITION_LENGTH, truncation=True, return_tensors="pt")
-    image = F.normalize(_features(clip.get_image_features(pixel_values=pixels)), dim=-1)
-    text = F.normalize(_features(clip.get_text_features(input_ids=tokens.input_ids,
+    image = F.normalize(projected(clip.get_image_features(pixel_values=pixels)), dim=-1)
+    text = F.normalize(projected(clip.get_text_features(input_ids=tokens.input_ids,
                                                         attention_mask=tokens.attention_mask)), dim=-1)
     hidden = clip.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
     count = len(cases)

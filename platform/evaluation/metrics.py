@@ -77,7 +77,7 @@ class DinoScorer:
         return (100 * F.cosine_similarity(a, b, dim=-1)).tolist()
 
 
-def _projected(output) -> torch.Tensor:
+def projected(output) -> torch.Tensor:
     """transformers 5 returns the projected embedding as the output's `pooler_output`."""
     return (output if isinstance(output, torch.Tensor) else output.pooler_output).float()
 
@@ -106,13 +106,13 @@ class ClipScorer:
         from kosmos_g.models.images import CLIP_MEAN, CLIP_STD
 
         x = _tensor(images, self.size, self.size, CLIP_MEAN, CLIP_STD)
-        return F.normalize(_projected(self.model.get_image_features(pixel_values=x.to(self.device))), dim=-1)
+        return F.normalize(projected(self.model.get_image_features(pixel_values=x.to(self.device))), dim=-1)
 
     @torch.no_grad()
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
         tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=77, return_tensors="pt")
         features = self.model.get_text_features(**{k: v.to(self.device) for k, v in tokens.items()})
-        return F.normalize(_projected(features), dim=-1)
+        return F.normalize(projected(features), dim=-1)
 
     def image_scores(self, generated: Sequence, references: Sequence) -> list[float]:
         if len(generated) != len(references):

@@ -34,12 +34,11 @@ def test_readings_are_clips_own_similarities(clip_dir, capsys):
     cases = text_roles.role_cases("held")[:6]
     readings = text_roles.readings(clip, tokenizer, cases)
     for index, case in enumerate(cases):
-        scene = world.Scene(case.background, (world.WorldObject(case.colour, case.shape, text_roles.BOX),))
         tokens = tokenizer([case.caption, case.swapped.caption], padding="max_length", max_length=77,
                            return_tensors="pt")
         with torch.no_grad():
             logits = clip(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                          pixel_values=clip_preprocess(scene.render(), 32)[None]).logits_per_image[0]
+                          pixel_values=clip_preprocess(case.scene().render(), 32)[None]).logits_per_image[0]
         assert readings["prefers"][index].item() == float(logits[0] > logits[1])
     assert torch.all(readings["text_cos"] <= 1.0001) and torch.all(readings["condition_cos"] <= 1.0001)
 
