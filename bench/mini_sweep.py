@@ -44,9 +44,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from kosmos_g.models.image_decoder import noised_latents
+from kosmos_g.models.image_decoder import denoising_loss, noised_latents
 from kosmos_g.models.images import CLIP_MEAN, CLIP_STD
 from kosmos_g.models.mini import (MiniClipConfig, MiniDecoderConfig, build_clip, build_scheduler, build_unet,
                                   build_vae, clip_loss, vae_loss)
@@ -66,6 +65,9 @@ RECIPES = {
                                       unet_heads=4, full_resolution_attention=True),
     "v_zero_attn": dict(prediction_type="v_prediction", zero_terminal_snr=True, pooled_text=False,
                         full_resolution_attention=True),
+    # The preset's U-Net with its examples weighted by Min-SNR-5 (`image_decoder.denoising_loss`).
+    "v_zero_pooled_minsnr5": dict(prediction_type="v_prediction", zero_terminal_snr=True, pooled_text=True,
+                                  min_snr_gamma=5.0),
     "v_zero_pooled_attn": dict(prediction_type="v_prediction", zero_terminal_snr=True, pooled_text=True,
                                full_resolution_attention=True),
 }
@@ -113,13 +115,15 @@ def encode_latents(vae, pixels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
 
 
 def unet_loss(unet, scheduler, empty: torch.Tensor, latents: torch.Tensor, condition: torch.Tensor,
-              cond_dropout: float = 0.1) -> torch.Tensor:
-    """The decoder job's U-Net objective (`noised_latents`: the scheduler's prediction type), the
-    empty caption's condition for `cond_dropout` of the examples (classifier-free guidance)."""
+              cond_dropout: float = 0.1, min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """The decoder job's U-Net objective (`noised_latents`: the scheduler's prediction type;
+    `denoising_loss`: its weighting), the empty caption's condition for `cond_dropout` of the
+    examples (classifier-free guidance)."""
     noisy, timesteps, target = noised_latents(scheduler, latents)
     drop = torch.rand(latents.shape[0]) < cond_dropout
     condition = torch.where(drop[:, None, None], empty, condition)
-    return F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=condition).sample, target)
+    prediction = unet(noisy, timesteps, encoder_hidden_states=condition).sample
+    return denoising_loss(prediction, target, scheduler, timesteps, min_snr_gamma)
 
 
 def train(module, loss_fn, steps: int, lr: float, batch_of, label: str, optimizer=None,
@@ -458,7 +462,8 @@ def sweep(args) -> dict:
             from diffusers.training_utils import EMAModel
 
             ema = EMAModel(unet.parameters())
-        final = train(unet, lambda latents, condition: unet_loss(unet, scheduler, empty, latents, condition),
+        final = train(unet, lambda latents, condition: unet_loss(unet, scheduler, empty, latents, condition,
+                                                                 min_snr_gamma=cfg.min_snr_gamma),
                       args.unet_steps, 1e-3, unet_batch, f"unet {name}", schedule=args.unet_schedule,
                       after_step=None if ema is None else lambda: ema.step(unet.parameters()))
         train_s = time.perf_counter() - started

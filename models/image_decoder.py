@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ImageDecoderConfig
@@ -201,4 +202,25 @@ def noised_latents(scheduler, latents: torch.Tensor, generator: torch.Generator 
     else:
         raise ValueError(f"unsupported prediction_type {prediction_type!r}")
     return scheduler.add_noise(latents, noise, timesteps), timesteps, target
+
+
+def denoising_loss(prediction: torch.Tensor, target: torch.Tensor, scheduler, timesteps: torch.Tensor,
+                   min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """The regression loss of `noised_latents`' draw: the plain MSE (SD's and the release's), or
+    with `min_snr_gamma` > 0 Min-SNR-γ weighting (Hang et al. 2023), each example's weight in terms
+    of the clean latents capped at γ: min(SNR, γ) / (SNR + 1) for a velocity target, / SNR for noise
+    (diffusers' training scripts weigh so). Only the mini decoder's recipe may use it: the method's
+    stage 3 keeps the plain MSE."""
+    if min_snr_gamma <= 0:
+        return F.mse_loss(prediction.float(), target.float())
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    weight = snr.clamp(max=min_snr_gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        weight = weight / (snr + 1)
+    else:  # a zero terminal SNR gives 0 / 0 here: that timestep teaches a noise target nothing
+        weight = torch.where(snr > 0, weight / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.zeros_like(snr))
+    per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+    return (per_example * weight.to(per_example.device)).mean()
 

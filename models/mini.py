@@ -62,11 +62,14 @@ class MiniDecoderConfig:
     # kept and saved instead, decaying as diffusers' EMAModel does by default, (1 + t) / (10 + t)
     # after t updates (the last ~10% of training), capped at this value.
     unet_ema_decay: float = 0.0
+    # 0: the U-Net's loss is the plain MSE, as SD's. Above 0: Min-SNR-γ weighting of its examples
+    # (`image_decoder.denoising_loss`), a recipe said to converge in fewer steps.
+    min_snr_gamma: float = 0.0
 
     def inert_fields(self) -> list[str]:
         """Left out of job fingerprints at their defaults, so decoders registered before these
         options existed keep theirs."""
-        defaults = {"full_resolution_attention": False, "unet_ema_decay": 0.0, "unet_heads": 0}
+        defaults = {"full_resolution_attention": False, "unet_ema_decay": 0.0, "unet_heads": 0, "min_snr_gamma": 0.0}
         return [name for name, default in defaults.items() if getattr(self, name) == default]
 
     @property

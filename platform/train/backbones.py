@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kosmos_g.models.mini import CONDITION_LENGTH, MiniClipConfig, MiniDecoderConfig
@@ -234,6 +233,7 @@ class UnetTrainee(_Trainee):
             self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
             self.register_buffer("ema_updates", torch.zeros(1))
         self.scheduler = build_scheduler(cfg)
+        self.min_snr_gamma = cfg.min_snr_gamma
         self.tokenizer = build_clip_tokenizer()
         empty = self.tokenizer([""], padding="max_length", max_length=CONDITION_LENGTH, return_tensors="pt")
         self.register_buffer("empty_ids", empty.input_ids, persistent=False)
@@ -266,7 +266,7 @@ class UnetTrainee(_Trainee):
         text encoder and VAE make of them, precomputed (`condition`, `latent_moments`)."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        from kosmos_g.models.image_decoder import noised_latents
+        from kosmos_g.models.image_decoder import denoising_loss, noised_latents
 
         with torch.no_grad():
             if latent_moments is None:
@@ -282,7 +282,7 @@ class UnetTrainee(_Trainee):
                 condition = torch.where((drop < cond_dropout)[:, None, None], empty, condition)
         noisy, timesteps, target = noised_latents(self.scheduler, latents, generator)
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=condition).sample
-        return {"loss": F.mse_loss(prediction.float(), target.float())}
+        return {"loss": denoising_loss(prediction, target, self.scheduler, timesteps, self.min_snr_gamma)}
 
 
 class UnetTask(Task):
