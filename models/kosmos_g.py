@@ -19,7 +19,7 @@ from torch import nn
 
 from .aligner import AlignerNet
 from .config import ModelConfig
-from .image_decoder import ImageDecoder, noised_latents
+from .image_decoder import ImageDecoder, denoising_loss, noised_latents
 from .mllm import MLLM
 from .prompt import BATCH_KEYS, InterleavedTokenizer, Segment
 
@@ -185,7 +185,7 @@ class KosmosG(nn.Module):
                 empty = self.empty_condition(1).to(condition.dtype)
                 condition = torch.where(drop[:, None, None], empty, condition)
         pred = decoder.unet(noisy, timesteps, encoder_hidden_states=condition.to(decoder.dtype)).sample
-        return F.mse_loss(pred.float(), target.float())
+        return denoising_loss(pred, target, decoder.noise_scheduler, timesteps)  # SD's plain MSE, as released
 
     def forward(self, batch: Mapping[str, Any], captions: Sequence[str] | None = None,
                 target_pixels: torch.Tensor | None = None, generator: torch.Generator | None = None,
