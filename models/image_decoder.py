@@ -223,4 +223,3 @@ def denoising_loss(prediction: torch.Tensor, target: torch.Tensor, scheduler, ti
         weight = torch.where(snr > 0, weight / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.zeros_like(snr))
     per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
     return (per_example * weight.to(per_example.device)).mean()
-
