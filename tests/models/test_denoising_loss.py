@@ -35,7 +35,7 @@ def test_velocity_examples_weigh_min_snr_over_snr_plus_one():
     prediction, target, per_example = _draw()
     scheduler = build_scheduler(MiniDecoderConfig())  # the preset's: v-prediction, zero terminal SNR
     snr = _snr(scheduler)
-    assert snr[-1] == 0 and snr[0] > 5  # the sweep spans both sides of the cap
+    assert snr[-1] == 0 and snr[0] > 5  # the timesteps lie on both sides of the cap
     expected = (per_example * snr.clamp(max=5.0) / (snr + 1)).mean()
     torch.testing.assert_close(denoising_loss(prediction, target, scheduler, TIMESTEPS, 5.0), expected)
     # The pure-noise timestep teaches nothing under this weighting; the capped ones weigh 5 / (SNR + 1).
